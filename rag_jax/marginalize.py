@@ -1,0 +1,283 @@
+"""The paper's math as pure functions: retriever scores and both marginalizations.
+
+Everything here is plain ``jax.numpy``: no Flax, no state, no Python loops over the batch
+or the documents, so each function can be jitted, vmapped and differentiated, and reused
+in any JAX model. Shapes use the names
+
+  B  batch size                 K  retrieved documents per input (``n_docs``)
+  T  target length              V  vocabulary size               H  embedding size
+
+Two conventions hold throughout:
+
+* ``logits[b, k, t]`` is the generator's prediction for ``targets[b, t]`` given document
+  ``k``: inputs are already aligned, nothing is shifted inside. (transformers' ``get_nll``
+  instead receives the decoder *inputs* and shifts them left by one.)
+* ``doc_scores`` are raw retriever scores ``d(z)·q(x)``; they are normalised inside with a
+  log-softmax over the K documents. A missing or padded document has score ``-inf``: it
+  gets probability zero and produces neither NaN values nor NaN gradients.
+
+All reductions run in float32, whatever the input dtype (bf16 logits are fine).
+
+Reference: Lewis et al., "Retrieval-Augmented Generation for Knowledge-Intensive NLP
+Tasks", NeurIPS 2020 (arXiv:2005.11401), section 2.1 (the two models) and 2.4 (decoding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = [
+    "doc_log_probs",
+    "rag_sequence_log_likelihood",
+    "rag_sequence_nll",
+    "rag_token_log_likelihood",
+    "rag_token_log_probs",
+    "rag_token_nll",
+    "retriever_log_probs",
+    "retriever_scores",
+    "target_log_probs",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Retriever: p_eta(z|x) ∝ exp(d(z)·q(x))
+# --------------------------------------------------------------------------------------
+
+
+def retriever_scores(query_emb: Array, doc_emb: Array) -> Array:
+    """Inner-product retrieval scores ``d(z)·q(x)`` (DPR, eq. before (1) in the paper).
+
+    Args:
+      query_emb: ``[B, H]`` query vectors ``q(x) = BERT_q(x)``.
+      doc_emb: ``[B, K, H]`` vectors ``d(z) = BERT_d(z)`` of each input's K retrieved docs.
+
+    Returns:
+      ``[B, K]`` float32 scores.
+    """
+    return jnp.einsum(
+        "bh,bkh->bk", query_emb, doc_emb, preferred_element_type=jnp.float32
+    ).astype(jnp.float32)
+
+
+def doc_log_probs(doc_scores: Array) -> Array:
+    """Log retriever probabilities ``log p_eta(z|x)``: a log-softmax over the K documents.
+
+    ``-inf`` scores (missing documents) get log-probability ``-inf``. A row whose scores are
+    all ``-inf`` gets ``-inf`` everywhere instead of NaN.
+
+    Args:
+      doc_scores: ``[..., K]`` raw scores.
+
+    Returns:
+      ``[..., K]`` float32 log-probabilities.
+    """
+    doc_scores = doc_scores.astype(jnp.float32)
+    # jax.nn.logsumexp returns -inf (not NaN) for an all -inf row and has finite gradients.
+    log_normaliser = jax.nn.logsumexp(doc_scores, axis=-1, keepdims=True)
+    safe_normaliser = jnp.where(jnp.isfinite(log_normaliser), log_normaliser, 0.0)
+    return doc_scores - safe_normaliser
+
+
+def retriever_log_probs(
+    query_emb: Array, doc_emb: Array, doc_mask: Array | None = None
+) -> Array:
+    """``log p_eta(z|x)`` over the top-K documents, ``p_eta(z|x) ∝ exp(d(z)·q(x))``.
+
+    Args:
+      query_emb: ``[B, H]`` query vectors.
+      doc_emb: ``[B, K, H]`` document vectors.
+      doc_mask: optional ``[B, K]`` bool, ``False`` for padding documents, which get
+        log-probability ``-inf``.
+
+    Returns:
+      ``[B, K]`` float32 log-probabilities; each row's ``exp`` sums to one.
+
+    Example (course, lesson 2): ``q = [0.3, 0.8, 0.1]`` against three documents gives
+    scores ``[0.70, 0.55, 0.27]`` and probabilities ``≈ [0.398, 0.343, 0.259]``.
+    """
+    doc_scores = retriever_scores(query_emb, doc_emb)
+    if doc_mask is not None:
+        doc_scores = jnp.where(doc_mask, doc_scores, -jnp.inf)
+    return doc_log_probs(doc_scores)
+
+
+# --------------------------------------------------------------------------------------
+# Generator: log p_theta(y_t | x, z, y_<t) without a [B, K, T, V] log-softmax
+# --------------------------------------------------------------------------------------
+
+
+def target_log_probs(logits: Array, targets: Array) -> Array:
+    """Log-probability of each target token, ``log softmax(logits)[target]``.
+
+    Computed as ``logits[target] - logsumexp(logits)``: a gather and a reduction over V,
+    which XLA fuses, so no ``[..., V]`` log-softmax is ever stored.
+
+    Args:
+      logits: ``[..., T, V]`` generator logits (any float dtype).
+      targets: ``[..., T]`` int token ids, broadcastable against ``logits[..., 0]``
+        (e.g. ``[B, 1, T]`` against ``[B, K, T, V]``).
+
+    Returns:
+      ``[..., T]`` float32 log-probabilities.
+    """
+    targets = jnp.broadcast_to(targets, logits.shape[:-1])
+    logits = logits.astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+
+
+def _sum_log_softmax(logits: Array) -> Array:
+    """``Σ_v log softmax(logits)_v = Σ_v logits_v - V·logsumexp(logits)``: ``[..., V] -> [...]``."""
+    logits = logits.astype(jnp.float32)
+    vocab_size = logits.shape[-1]
+    return jnp.sum(logits, axis=-1) - vocab_size * jax.nn.logsumexp(logits, axis=-1)
+
+
+# --------------------------------------------------------------------------------------
+# RAG-Sequence: p(y|x) = Σ_z p(z|x) Π_t p(y_t|x,z,y_<t)
+# --------------------------------------------------------------------------------------
+
+
+def rag_sequence_log_likelihood(
+    token_log_probs: Array, doc_log_probs: Array, target_mask: Array
+) -> Array:
+    """RAG-Sequence ``log p(y|x) = log Σ_z p(z|x) Π_t p(y_t|x,z,y_<t)`` (paper eq. 1).
+
+    Args:
+      token_log_probs: ``[B, K, T]`` ``log p_theta(y_t|x,z_k,y_<t)`` (see
+        :func:`target_log_probs`).
+      doc_log_probs: ``[B, K]`` ``log p_eta(z_k|x)``; ``-inf`` for missing documents.
+      target_mask: ``[B, T]`` bool, ``False`` at padding.
+
+    Returns:
+      ``[B]`` float32 log-likelihoods.
+    """
+    # Masking with `where`, not a product, so a -inf never meets a 0.
+    token_log_probs = jnp.where(target_mask[:, None, :], token_log_probs, 0.0)
+    seq_log_probs = jnp.sum(token_log_probs.astype(jnp.float32), axis=-1)  # (B, K)
+    # The prior counts once per sequence, independent of the target mask.
+    return jax.nn.logsumexp(doc_log_probs + seq_log_probs, axis=-1)
+
+
+def rag_sequence_nll(
+    logits: Array,
+    doc_scores: Array,
+    targets: Array,
+    target_mask: Array,
+    *,
+    label_smoothing: float = 0.0,
+) -> Array:
+    """RAG-Sequence negative log-likelihood ``-log p(y|x)`` per example (paper eq. 1).
+
+    With ``label_smoothing = eps`` the loss is ``(1 - eps)·nll + (eps / V)·smooth``, where,
+    as in transformers' ``RagSequenceForGeneration.get_nll``,
+    ``smooth = -log Σ_z exp(V·log p(z|x) + Σ_t Σ_v log p_theta(v|x,z,y_<t))``. Unlike that
+    reference, which adds the prior at target position 1 and so drops it when that position
+    is padding, the prior here counts exactly once per sequence.
+
+    Args:
+      logits: ``[B, K, T, V]``; ``logits[b, k, t]`` predicts ``targets[b, t]`` given doc k.
+      doc_scores: ``[B, K]`` raw retriever scores, ``-inf`` for missing documents.
+      targets: ``[B, T]`` int token ids.
+      target_mask: ``[B, T]`` bool, ``False`` at padding.
+      label_smoothing: ``eps`` in ``[0, 1)``.
+
+    Returns:
+      ``[B]`` float32 losses.
+
+    Example (course, lesson 4): priors ``[0.6, 0.4]`` and per-token probabilities
+    ``[[0.8, 0.9], [0.5, 0.7]]`` give ``p(y|x) = 0.6·0.72 + 0.4·0.35 = 0.572``.
+    """
+    doc_lp = doc_log_probs(doc_scores)  # (B, K)
+    token_lp = target_log_probs(logits, targets[:, None, :])  # (B, K, T)
+    nll = -rag_sequence_log_likelihood(token_lp, doc_lp, target_mask)
+    if not label_smoothing:
+        return nll
+    vocab_size = logits.shape[-1]
+    vocab_sums = jnp.where(target_mask[:, None, :], _sum_log_softmax(logits), 0.0)  # (B, K, T)
+    smooth = -jax.nn.logsumexp(vocab_size * doc_lp + jnp.sum(vocab_sums, axis=-1), axis=-1)
+    return (1.0 - label_smoothing) * nll + (label_smoothing / vocab_size) * smooth
+
+
+# --------------------------------------------------------------------------------------
+# RAG-Token: p(y|x) = Π_t Σ_z p(z|x) p(y_t|x,z,y_<t)
+# --------------------------------------------------------------------------------------
+
+
+def rag_token_log_likelihood(
+    token_log_probs: Array, doc_log_probs: Array, target_mask: Array
+) -> Array:
+    """RAG-Token ``log p(y|x) = Σ_t log Σ_z p(z|x) p(y_t|x,z,y_<t)`` (paper eq. 2).
+
+    Args:
+      token_log_probs: ``[B, K, T]`` ``log p_theta(y_t|x,z_k,y_<t)``.
+      doc_log_probs: ``[B, K]`` ``log p_eta(z_k|x)``; ``-inf`` for missing documents.
+      target_mask: ``[B, T]`` bool, ``False`` at padding.
+
+    Returns:
+      ``[B]`` float32 log-likelihoods.
+    """
+    joint = doc_log_probs[:, :, None] + token_log_probs.astype(jnp.float32)  # (B, K, T)
+    marginal = jax.nn.logsumexp(joint, axis=1)  # (B, T)
+    return jnp.sum(jnp.where(target_mask, marginal, 0.0), axis=-1)
+
+
+def rag_token_log_probs(logits: Array, doc_scores: Array) -> Array:
+    """Marginal next-token log-probabilities ``log p'(y_t|x,y_<t)`` for beam search.
+
+    ``p'(v) = Σ_z p(z|x) softmax(logits_z)_v`` (paper section 2.4, "RAG-Token"): a
+    standard autoregressive distribution, so it plugs into ordinary beam search.
+
+    Args:
+      logits: ``[..., K, V]`` next-token logits, one row per document.
+      doc_scores: ``[..., K]`` raw retriever scores, ``-inf`` for missing documents.
+
+    Returns:
+      ``[..., V]`` float32 log-probabilities (each row's ``exp`` sums to one).
+    """
+    token_lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)  # (..., K, V)
+    return jax.nn.logsumexp(token_lp + doc_log_probs(doc_scores)[..., None], axis=-2)
+
+
+def rag_token_nll(
+    logits: Array,
+    doc_scores: Array,
+    targets: Array,
+    target_mask: Array,
+    *,
+    label_smoothing: float = 0.0,
+) -> Array:
+    """RAG-Token negative log-likelihood ``-log p(y|x)`` per example (paper eq. 2).
+
+    With ``label_smoothing = eps`` the loss is ``(1 - eps)·nll + (eps / V)·smooth``, where,
+    as in transformers' ``RagTokenForGeneration.get_nll``,
+    ``smooth = -Σ_t Σ_v log p'(v|x,y_<t)`` over unmasked positions, ``p'`` being the
+    marginal of :func:`rag_token_log_probs`. Only this smoothing term needs every vocabulary
+    entry of the marginal; the plain loss gathers the targets first.
+
+    Args:
+      logits: ``[B, K, T, V]``; ``logits[b, k, t]`` predicts ``targets[b, t]`` given doc k.
+      doc_scores: ``[B, K]`` raw retriever scores, ``-inf`` for missing documents.
+      targets: ``[B, T]`` int token ids.
+      target_mask: ``[B, T]`` bool, ``False`` at padding.
+      label_smoothing: ``eps`` in ``[0, 1)``.
+
+    Returns:
+      ``[B]`` float32 losses.
+
+    Example (course, lesson 4): priors ``[0.6, 0.4]`` and per-token probabilities
+    ``[[0.8, 0.9], [0.5, 0.7]]`` give ``p(y|x) = 0.68·0.82 ≈ 0.558``.
+    """
+    doc_lp = doc_log_probs(doc_scores)  # (B, K)
+    token_lp = target_log_probs(logits, targets[:, None, :])  # (B, K, T)
+    nll = -rag_token_log_likelihood(token_lp, doc_lp, target_mask)
+    if not label_smoothing:
+        return nll
+    vocab_size = logits.shape[-1]
+    marginal_lp = rag_token_log_probs(jnp.moveaxis(logits, 1, 2), doc_scores[:, None, :])
+    vocab_sums = jnp.sum(marginal_lp, axis=-1)  # (B, T)
+    smooth = -jnp.sum(jnp.where(target_mask, vocab_sums, 0.0), axis=-1)
+    return (1.0 - label_smoothing) * nll + (label_smoothing / vocab_size) * smooth

@@ -1,0 +1,296 @@
+"""Hugging Face checkpoint I/O shared by the models: read config and weights, fill modules, save.
+
+A Hugging Face checkpoint directory holds ``config.json`` and the weights as ``model.safetensors``
+(or sharded: ``model.safetensors.index.json`` + shards), or as ``pytorch_model.bin`` (read with
+``torch.load(weights_only=True)``: no pickled code ever runs). A full RAG checkpoint
+(facebook/rag-sequence-nq layout) keeps both halves in one directory: ``config.json`` has
+``question_encoder`` and ``generator`` sub-configs, and the weights are stored under
+``question_encoder.`` / ``generator.`` (behind ``rag.`` when saved from ``Rag*ForGeneration``).
+
+Model files map Hugging Face names to NNX parameter paths (dotted strings such as
+``"encoder.layers.0.attention.query.kernel"``) and call :func:`assign_params`, which checks
+everything at once and raises a single :class:`CheckpointError`.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+CONFIG_NAME = "config.json"
+SAFETENSORS_NAME = "model.safetensors"
+SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
+TORCH_NAME = "pytorch_model.bin"
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
+WEIGHT_NAMES = (SAFETENSORS_NAME, SAFETENSORS_INDEX_NAME, TORCH_NAME, TORCH_INDEX_NAME)
+RAG_WRAPPER_PREFIX = "rag."  # RagSequenceForGeneration / RagTokenForGeneration keep RagModel here
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that exists but cannot be used: bad config, missing/extra/mis-shaped weights."""
+
+
+def _existing_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    path = Path(checkpoint_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
+    return path
+
+
+def read_hf_config(checkpoint_dir: str | os.PathLike, part: str | None = None) -> dict[str, Any]:
+    """Reads ``config.json`` of a checkpoint directory.
+
+    Args:
+      checkpoint_dir: a Hugging Face checkpoint directory.
+      part: for a RAG checkpoint, ``"question_encoder"`` or ``"generator"`` returns that sub-config.
+
+    Returns:
+      The config as a dict.
+    """
+    path = _existing_dir(checkpoint_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {str(path.parent)!r}")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    if part is None:
+        return config
+    if not isinstance(config.get(part), dict):
+        raise CheckpointError(
+            f"{str(path)!r} has no {part!r} sub-config (model_type={config.get('model_type')!r}); "
+            "sub-configs exist in RAG checkpoints only"
+        )
+    return config[part]
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises its own error types for corrupt files
+        raise CheckpointError(f"cannot read safetensors file {str(path)!r}: {error}") from error
+
+
+def _load_torch(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch  # lazy: rag_jax itself never needs torch
+    except ImportError as error:
+        raise CheckpointError(
+            f"{str(path)!r} is a PyTorch file and reading it needs torch; "
+            "install torch or convert the checkpoint to model.safetensors"
+        ) from error
+    try:
+        # weights_only=True: tensors and plain containers only, no pickled code is executed.
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"cannot read PyTorch file {str(path)!r}: {error}") from error
+    if not isinstance(state_dict, Mapping):
+        kind = type(state_dict).__name__
+        raise CheckpointError(f"{str(path)!r} holds a {kind}, not a state dict")
+    # numpy has no bfloat16: upcast such tensors to float32.
+    return {
+        key: (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
+        for key, tensor in state_dict.items()
+    }
+
+
+def _load_sharded(index_path: Path, load_shard) -> dict[str, np.ndarray]:
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        message = f"{str(index_path)!r} is not a valid weight index: {error}"
+        raise CheckpointError(message) from error
+    state_dict: dict[str, np.ndarray] = {}
+    for shard_name in sorted(set(weight_map.values())):
+        shard_path = index_path.parent / shard_name
+        if not shard_path.is_file():
+            raise FileNotFoundError(f"weight shard {str(shard_path)!r} from the index is missing")
+        state_dict.update(load_shard(shard_path))
+    return state_dict
+
+
+def read_state_dict(
+    checkpoint_dir: str | os.PathLike, prefix: str | None = None
+) -> dict[str, np.ndarray]:
+    """Reads all weights of a checkpoint directory as numpy arrays, keyed by Hugging Face name.
+
+    Looks for, in this order: model.safetensors, model.safetensors.index.json (sharded),
+    pytorch_model.bin, pytorch_model.bin.index.json.
+
+    Args:
+      checkpoint_dir: a Hugging Face checkpoint directory.
+      prefix: keep only the keys under this prefix and strip it, e.g. ``"question_encoder."`` for
+        the query-encoder half of a RAG checkpoint. Keys saved by ``Rag*ForGeneration`` carry an
+        extra leading ``"rag."``, which is matched too.
+
+    Returns:
+      ``{name: array}`` with the names as stored (minus ``prefix``).
+    """
+    directory = _existing_dir(checkpoint_dir)
+    loaders = {
+        SAFETENSORS_NAME: _load_safetensors,
+        SAFETENSORS_INDEX_NAME: lambda path: _load_sharded(path, _load_safetensors),
+        TORCH_NAME: _load_torch,
+        TORCH_INDEX_NAME: lambda path: _load_sharded(path, _load_torch),
+    }
+    name = next((name for name in WEIGHT_NAMES if (directory / name).is_file()), None)
+    if name is None:
+        raise FileNotFoundError(
+            f"no weights in checkpoint directory {str(directory)!r}: expected one of {WEIGHT_NAMES}"
+        )
+    state_dict = loaders[name](directory / name)
+    if prefix is None:
+        return state_dict
+    for candidate in (prefix, RAG_WRAPPER_PREFIX + prefix):
+        n = len(candidate)
+        selected = {k[n:]: v for k, v in state_dict.items() if k.startswith(candidate)}
+        if selected:
+            return selected
+    found = sorted({key.split(".")[0] + "." for key in state_dict})
+    raise CheckpointError(
+        f"no weights under prefix {prefix!r} in {str(directory / name)!r}; "
+        f"top-level prefixes found: {found}"
+    )
+
+
+def _flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
+    state = nnx.state(module, nnx.Param)
+    return {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(state)}
+
+
+def module_params(module: nnx.Module) -> dict[str, np.ndarray]:
+    """All ``nnx.Param`` values of a module as numpy arrays, keyed by dotted NNX path."""
+    return {path: np.asarray(var.get_value()) for path, var in _flat_params(module).items()}
+
+
+def assign_params(
+    module: nnx.Module,
+    params: Mapping[str, np.ndarray],
+    *,
+    source: str = "checkpoint",
+    source_names: Mapping[str, str] | None = None,
+) -> None:
+    """Sets every ``nnx.Param`` of ``module`` from ``params`` (keyed by dotted NNX path), in place.
+
+    Nothing is assigned unless the mapping matches the module exactly: otherwise one
+    :class:`CheckpointError` lists every missing, unexpected and mis-shaped parameter.
+
+    Args:
+      module: the NNX module to fill.
+      params: ``{"encoder.layers.0.attention.query.kernel": array, ...}``; arrays already in the
+        module's layout (e.g. PyTorch Linear weights transposed). Values are cast to each
+        parameter's dtype.
+      source: what the values come from (a file path), for the error message.
+      source_names: optional ``{nnx path: checkpoint key}`` to show checkpoint names in errors.
+    """
+    names = source_names or {}
+    targets = _flat_params(module)
+
+    def shown(path: str) -> str:
+        return f"{path} (checkpoint key {names[path]!r})" if path in names else path
+
+    problems = {
+        "missing": [shown(path) for path in targets if path not in params],
+        "unexpected": [shown(path) for path in params if path not in targets],
+        "mis-shaped": [
+            f"{shown(path)}: module expects {tuple(var.get_value().shape)}, "
+            f"{source} has {tuple(np.shape(params[path]))}"
+            for path, var in targets.items()
+            if path in params and tuple(np.shape(params[path])) != tuple(var.get_value().shape)
+        ],
+    }
+    if any(problems.values()):
+        counts = ", ".join(f"{len(items)} {kind}" for kind, items in problems.items() if items)
+        details = "".join(
+            f"\n{kind} parameters:\n  " + "\n  ".join(items)
+            for kind, items in problems.items()
+            if items
+        )
+        raise CheckpointError(
+            f"{source} does not match {type(module).__name__} ({counts}):{details}"
+        )
+    for path, var in targets.items():
+        var.set_value(jnp.asarray(params[path], dtype=var.get_value().dtype))
+
+
+def save_hf_checkpoint(
+    checkpoint_dir: str | os.PathLike,
+    state_dict: Mapping[str, np.ndarray],
+    config: Mapping[str, Any],
+) -> None:
+    """Writes ``model.safetensors`` + ``config.json``, the layout that from_pretrained reads.
+
+    The new checkpoint is assembled in a temporary sibling directory and swapped in by rename:
+    a failure at any point leaves an existing checkpoint as it was. Other files of an existing
+    directory (tokenizer, sentence-transformers configs) are kept; its old weight files are not.
+
+    Args:
+      checkpoint_dir: destination directory (created, with parents, if needed).
+      state_dict: ``{Hugging Face name: array}``; every value must be finite.
+      config: the Hugging Face config dict (JSON-serialisable).
+    """
+    target = Path(checkpoint_dir)
+    config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"  # fails before any I/O
+    arrays = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
+    not_finite = [
+        name
+        for name, array in arrays.items()
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all()
+    ]
+    if not_finite:
+        raise CheckpointError(f"refusing to save non-finite values in {sorted(not_finite)}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        save_file(arrays, staging / SAFETENSORS_NAME, metadata={"format": "pt"})
+        (staging / CONFIG_NAME).write_text(config_text)
+        _copy_extra_files(target, staging)
+        _swap_in(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _copy_extra_files(old: Path, new: Path) -> None:
+    """Copies files of an existing checkpoint that the new one does not replace."""
+    if not old.is_dir():
+        return
+    superseded = {CONFIG_NAME, *WEIGHT_NAMES}
+    for index_name in (SAFETENSORS_INDEX_NAME, TORCH_INDEX_NAME):  # old shards are superseded too
+        if (old / index_name).is_file():
+            with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                superseded |= set(json.loads((old / index_name).read_text())["weight_map"].values())
+    for entry in old.iterdir():
+        if entry.name in superseded:
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, new / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Renames ``staging`` to ``target``; an existing ``target`` is restored if that fails."""
+    if not target.exists():
+        os.rename(staging, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rmdir(backup)  # only the unique name is wanted
+    os.rename(target, backup)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(backup, target)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)

@@ -1,0 +1,95 @@
+"""Logical axis names for parameters, and the one table that maps them onto a (data, fsdp) mesh.
+
+Modules name the dimensions of every ``nnx.Param`` with logical axes (``axes(EMBED, MLP)`` for a
+``(hidden, intermediate)`` kernel). Training code picks a mesh and turns those names into
+shardings with :func:`param_shardings`, or shards a built model in place with
+:func:`shard_module`::
+
+    mesh = jax.make_mesh((2, 4), MESH_AXES)
+    shardings = param_shardings(nnx.eval_shape(lambda: BertModel(config, rngs=nnx.Rngs(0))), mesh)
+
+The annotations are plain Flax NNX ``out_sharding`` metadata, so Flax's own tools
+(``nnx.get_partition_spec`` under ``nnx.logical_axis_rules(LOGICAL_RULES)``) read them too.
+"""
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# Mesh axes.
+DATA = "data"  # data parallelism: parameters replicated, batch split
+FSDP = "fsdp"  # fully sharded data parallelism: parameters and batch split
+MESH_AXES = (DATA, FSDP)
+
+# Logical axes of parameters and activations.
+BATCH = "batch"  # examples in a batch
+LENGTH = "length"  # token positions
+EMBED = "embed"  # model width (hidden_size / d_model)
+MLP = "mlp"  # feed-forward width (intermediate_size / ffn_dim)
+HEADS = "heads"  # attention heads x head_dim, flattened (q/k/v/output projections)
+VOCAB = "vocab"  # rows of a token embedding table
+
+Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
+
+# FSDP: every parameter is split along its model-width dimension; activations along the batch.
+LOGICAL_RULES: Rules = (
+    (BATCH, (DATA, FSDP)),
+    (LENGTH, None),
+    (EMBED, FSDP),
+    (MLP, None),
+    (HEADS, None),
+    (VOCAB, None),
+)
+
+
+def axes(*names: str | None) -> dict[str, Any]:
+    """Param metadata naming each dimension: ``nnx.Linear(..., kernel_metadata=axes(EMBED, MLP))``.
+
+    ``eager_sharding=False`` keeps module construction mesh-free (it works on one CPU); the
+    caller shards later with :func:`param_shardings` / :func:`shard_module`.
+    """
+    return {"out_sharding": names, "eager_sharding": False}
+
+
+def logical_to_mesh(names: Sequence[str | None], rules: Rules = LOGICAL_RULES) -> PartitionSpec:
+    """Maps logical axis names to a ``PartitionSpec`` over mesh axes; unknown names replicate."""
+    table = dict(rules)
+    return PartitionSpec(*(table.get(name) if name is not None else None for name in names))
+
+
+def _fit_to_shape(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """Replicates any dimension whose size the mesh axes do not divide (e.g. a 30522-row vocab)."""
+    fitted = []
+    for dim, mesh_axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec)), strict=True):
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        n_shards = 1
+        for name in names:
+            n_shards *= mesh.shape[name]
+        fitted.append(mesh_axes if dim % n_shards == 0 else None)
+    return PartitionSpec(*fitted)
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.State:
+    """``NamedSharding`` for every variable of a module (or its ``nnx.State``, possibly abstract).
+
+    Variables without axis annotations (RNG state, counters) are replicated. Works on the output
+    of ``nnx.eval_shape``, so shardings can be computed before any parameter exists.
+    """
+    state = tree if isinstance(tree, nnx.State) else nnx.state(tree)
+
+    def sharding(variable: nnx.Variable) -> nnx.Variable:
+        shape = tuple(getattr(variable.get_value(), "shape", ()))
+        names = variable.get_metadata().get("out_sharding") or ()
+        spec = _fit_to_shape(logical_to_mesh(names, rules), shape, mesh)
+        return variable.replace(NamedSharding(mesh, spec))
+
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> None:
+    """Moves a module's variables onto ``mesh`` in place, laid out by their logical axes."""
+    state = nnx.state(module)
+    nnx.update(module, jax.device_put(state, param_shardings(state, mesh, rules)))

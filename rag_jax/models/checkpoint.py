@@ -228,6 +228,7 @@ def save_hf_checkpoint(
     checkpoint_dir: str | os.PathLike,
     state_dict: Mapping[str, np.ndarray],
     config: Mapping[str, Any],
+    extra_files: Mapping[str, str] | None = None,
 ) -> None:
     """Writes ``model.safetensors`` + ``config.json``, the layout that from_pretrained reads.
 
@@ -239,6 +240,8 @@ def save_hf_checkpoint(
       checkpoint_dir: destination directory (created, with parents, if needed).
       state_dict: ``{Hugging Face name: array}``; every value must be finite.
       config: the Hugging Face config dict (JSON-serialisable).
+      extra_files: ``{relative path: text}`` written alongside, e.g.
+        ``{"1_Pooling/config.json": ...}`` or ``{"generation_config.json": ...}``.
     """
     target = Path(checkpoint_dir)
     config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"  # fails before any I/O
@@ -255,6 +258,9 @@ def save_hf_checkpoint(
     try:
         save_file(arrays, staging / SAFETENSORS_NAME, metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(config_text)
+        for relative_path, text in (extra_files or {}).items():
+            (staging / relative_path).parent.mkdir(parents=True, exist_ok=True)
+            (staging / relative_path).write_text(text)
         _copy_extra_files(target, staging)
         _swap_in(staging, target)
     except BaseException:
@@ -263,7 +269,7 @@ def save_hf_checkpoint(
 
 
 def _copy_extra_files(old: Path, new: Path) -> None:
-    """Copies files of an existing checkpoint that the new one does not replace."""
+    """Copies the files of an existing checkpoint that the new one does not replace."""
     if not old.is_dir():
         return
     superseded = {CONFIG_NAME, *WEIGHT_NAMES}
@@ -271,13 +277,20 @@ def _copy_extra_files(old: Path, new: Path) -> None:
         if (old / index_name).is_file():
             with contextlib.suppress(json.JSONDecodeError, KeyError, TypeError, AttributeError):
                 superseded |= set(json.loads((old / index_name).read_text())["weight_map"].values())
+
+    def copy_unless_written(source: str, destination: str) -> None:
+        if not os.path.lexists(destination):  # files of the new checkpoint win
+            shutil.copy2(source, destination, follow_symlinks=False)
+
     for entry in old.iterdir():
         if entry.name in superseded:
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, new / entry.name, symlinks=True)
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(
+                entry, new / entry.name, copy_function=copy_unless_written, dirs_exist_ok=True
+            )
         else:
-            shutil.copy2(entry, new / entry.name, follow_symlinks=False)
+            copy_unless_written(str(entry), str(new / entry.name))
 
 
 def _swap_in(staging: Path, target: Path) -> None:

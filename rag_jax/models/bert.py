@@ -1,0 +1,547 @@
+"""BERT encoder (Devlin et al., 2019) in Flax NNX, as DPR's query/passage encoder (Karpukhin et al.,
+2020) and as a sentence-transformers encoder (all-MiniLM-L6-v2).
+
+Read top to bottom: config, embeddings, self-attention, layer, ``BertModel`` (hidden states and
+pooled output), pooling functions, ``BertEncoder`` (one vector per text), then Hugging Face
+checkpoint loading/saving. Shapes: B batch, T tokens, H hidden size, N heads, D head size,
+F feed-forward size, P output size of the encoder.
+
+Numerics follow transformers' PyTorch ``BertModel`` (post-LN, exact-erf GELU, padding keys masked
+with the float32 minimum); parameters are float32, ``dtype`` sets the compute dtype (bfloat16 on
+accelerators), with softmax, LayerNorm statistics and pooling kept in float32.
+"""
+
+import dataclasses
+import json
+import os
+import re
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rag_jax.models.checkpoint import (
+    CheckpointError,
+    assign_params,
+    module_params,
+    read_hf_config,
+    read_state_dict,
+    save_hf_checkpoint,
+)
+from rag_jax.models.partitioning import EMBED, HEADS, MLP, VOCAB, axes
+
+Array = jax.Array
+Pooling = Literal["cls", "mean"]
+
+# Hugging Face names of the activation functions BERT-family configs use.
+ACTIVATIONS = {
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "gelu_new": partial(jax.nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+    """Architecture of a BERT encoder; field names follow Hugging Face's ``BertConfig``."""
+
+    vocab_size: int = 30522
+    hidden_size: int = 768  # H
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12  # N; head size D = H / N
+    intermediate_size: int = 3072  # F, feed-forward width
+    hidden_act: str = "gelu"  # a key of ACTIVATIONS
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    add_pooling_layer: bool = True  # BertModel's tanh pooler; DPR checkpoints have none
+    projection_dim: int = 0  # DPR's encode_proj output size; 0 = no projection
+    dtype: Any = jnp.float32  # compute dtype; parameters are always float32
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}"
+            )
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+
+    @classmethod
+    def from_hf_config(cls, hf_config: dict[str, Any], **overrides: Any) -> "BertConfig":
+        """Builds the config from a Hugging Face ``BertConfig`` or ``DPRConfig`` dict.
+
+        ``overrides`` set fields that are not part of the Hugging Face config (dtype, remat,
+        add_pooling_layer).
+        """
+        model_type = hf_config.get("model_type")
+        if model_type == "rag":
+            raise CheckpointError(
+                "this is a RAG config: build the encoder from its 'question_encoder' sub-config "
+                "(load_bert_encoder does this for a RAG checkpoint directory)"
+            )
+        if model_type not in ("bert", "dpr"):
+            raise CheckpointError(
+                f"config of model_type {model_type!r} is not a BERT config (expected 'bert' or "
+                "'dpr')"
+            )
+        position_type = hf_config.get("position_embedding_type", "absolute")
+        if position_type != "absolute":
+            raise CheckpointError(f"position_embedding_type {position_type!r} is not supported")
+        names = {field.name for field in dataclasses.fields(cls)} - {"dtype", "remat"}
+        fields = {name: hf_config[name] for name in names if name in hf_config}
+        try:
+            return cls(**{**fields, **overrides})
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"invalid BERT config: {error}") from error
+
+    def to_hf_config(self, model_type: Literal["bert", "dpr"] = "bert") -> dict[str, Any]:
+        """The Hugging Face config dict (``BertConfig`` or ``DPRConfig``) of this architecture."""
+        skip = {"dtype", "remat", "add_pooling_layer"}
+        if model_type != "dpr":
+            skip.add("projection_dim")  # a DPR field
+        config = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        return {**config, "model_type": model_type, "position_embedding_type": "absolute"}
+
+
+def _dense(config: BertConfig, n_in: int, n_out: int, names: tuple, rngs: nnx.Rngs) -> nnx.Linear:
+    init = nnx.initializers.normal(0.02)
+    return nnx.Linear(
+        n_in,
+        n_out,
+        dtype=config.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=init,
+        kernel_metadata=axes(*names),
+        bias_metadata=axes(names[1]),
+        rngs=rngs,
+    )
+
+
+def _layer_norm(config: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return nnx.LayerNorm(
+        config.hidden_size,
+        epsilon=config.layer_norm_eps,
+        use_fast_variance=False,  # E[(x - mean)^2], as PyTorch computes it
+        dtype=config.dtype,
+        param_dtype=jnp.float32,
+        scale_metadata=axes(EMBED),
+        bias_metadata=axes(EMBED),
+        rngs=rngs,
+    )
+
+
+class BertEmbeddings(nnx.Module):
+    """Token + position + segment embeddings, then LayerNorm and dropout."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        embed = partial(
+            nnx.Embed,
+            features=config.hidden_size,
+            dtype=config.dtype,
+            param_dtype=jnp.float32,
+            embedding_init=nnx.initializers.normal(0.02),
+            rngs=rngs,
+        )
+        self.word = embed(config.vocab_size, embedding_metadata=axes(VOCAB, EMBED))
+        self.position = embed(config.max_position_embeddings, embedding_metadata=axes(None, EMBED))
+        self.token_type = embed(config.type_vocab_size, embedding_metadata=axes(None, EMBED))
+        self.norm = _layer_norm(config, rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, input_ids: Array, token_type_ids: Array, *, deterministic: bool) -> Array:
+        positions = jnp.arange(input_ids.shape[1])  # (T,)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
+        return self.dropout(self.norm(x), deterministic=deterministic)  # (B, T, H)
+
+
+class BertSelfAttention(nnx.Module):
+    """Multi-head scaled dot-product self-attention over the unpadded keys."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        H = config.hidden_size
+        self.n_heads = config.num_attention_heads
+        self.query = _dense(config, H, H, (EMBED, HEADS), rngs)
+        self.key = _dense(config, H, H, (EMBED, HEADS), rngs)
+        self.value = _dense(config, H, H, (EMBED, HEADS), rngs)
+        self.out = _dense(config, H, H, (HEADS, EMBED), rngs)
+        self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
+
+    def __call__(self, x: Array, mask_bias: Array, *, deterministic: bool) -> Array:
+        B, T, H = x.shape
+        N, D = self.n_heads, H // self.n_heads
+        q = self.query(x).reshape(B, T, N, D)  # (B, T, N, D)
+        k = self.key(x).reshape(B, T, N, D)  # (B, T, N, D)
+        v = self.value(x).reshape(B, T, N, D)  # (B, T, N, D)
+        scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(D)  # (B, N, T, T)
+        # Softmax in float32 even under bfloat16 compute: the row sums need the precision.
+        probs = jax.nn.softmax(scores.astype(jnp.float32) + mask_bias, axis=-1)  # (B, N, T, T)
+        probs = self.dropout(probs.astype(x.dtype), deterministic=deterministic)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(B, T, H)  # (B, T, H)
+        return self.out(context)  # (B, T, H)
+
+
+class BertLayer(nnx.Module):
+    """Post-LN transformer layer: x = LN(x + attention(x)); x = LN(x + MLP(x))."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        H, F = config.hidden_size, config.intermediate_size
+        self.attention = BertSelfAttention(config, rngs=rngs)
+        self.attention_norm = _layer_norm(config, rngs)
+        self.mlp_in = _dense(config, H, F, (EMBED, MLP), rngs)
+        self.mlp_out = _dense(config, F, H, (MLP, EMBED), rngs)
+        self.mlp_norm = _layer_norm(config, rngs)
+        self.activation = ACTIVATIONS[config.hidden_act]
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+    def __call__(self, x: Array, mask_bias: Array, *, deterministic: bool) -> Array:
+        h = self.attention(x, mask_bias, deterministic=deterministic)  # (B, T, H)
+        x = self.attention_norm(x + self.dropout(h, deterministic=deterministic))  # (B, T, H)
+        h = self.mlp_out(self.activation(self.mlp_in(x)))  # (B, T, F) -> (B, T, H)
+        return self.mlp_norm(x + self.dropout(h, deterministic=deterministic))  # (B, T, H)
+
+
+def padding_mask_bias(attention_mask: Array) -> Array:
+    """Additive attention bias that hides padding keys.
+
+    Args:
+      attention_mask: ``[batch, seq_len]``, 1 (or True) for tokens, 0 for padding.
+
+    Returns:
+      ``[batch, 1, 1, seq_len]`` float32: 0 for tokens, the float32 minimum for padding (not
+      -inf, so a row with no tokens at all gives a uniform softmax instead of NaN).
+    """
+    keep = attention_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, T)
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
+def _apply_layer(layer: BertLayer, x: Array, mask_bias: Array, deterministic: bool) -> Array:
+    return layer(x, mask_bias, deterministic=deterministic)
+
+
+class BertModel(nnx.Module):
+    """BERT: embeddings and a stack of post-LN layers; same outputs as transformers' BertModel."""
+
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+        H = config.hidden_size
+        self.config = config
+        self.embeddings = BertEmbeddings(config, rngs=rngs)
+        self.layers = nnx.List(
+            [BertLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.pooler = (
+            _dense(config, H, H, (EMBED, None), rngs) if config.add_pooling_layer else None
+        )
+
+    def __call__(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        token_type_ids: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> tuple[Array, Array]:
+        """Encodes a padded batch.
+
+        Args:
+          input_ids: ``[batch, seq_len]`` token ids.
+          attention_mask: ``[batch, seq_len]``, 1 for tokens, 0 for padding.
+          token_type_ids: ``[batch, seq_len]`` segment ids; zeros when None.
+          deterministic: False enables dropout (needs the ``dropout`` stream of ``rngs``).
+
+        Returns:
+          ``hidden [batch, seq_len, hidden_size]`` (last layer, compute dtype) and
+          ``pooled [batch, hidden_size]``: tanh(W h_cls + b) with the pooler, else h_cls.
+        """
+        seq_len, limit = input_ids.shape[1], self.config.max_position_embeddings
+        if seq_len > limit:
+            raise ValueError(f"seq_len {seq_len} is longer than max_position_embeddings {limit}")
+        token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
+        mask_bias = padding_mask_bias(attention_mask)  # (B, 1, 1, T)
+        x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)  # (B, T, H)
+        apply_layer = (
+            nnx.remat(_apply_layer, static_argnums=3) if self.config.remat else _apply_layer
+        )
+        for layer in self.layers:
+            x = apply_layer(layer, x, mask_bias, deterministic)  # (B, T, H)
+        cls = x[:, 0]  # (B, H)
+        pooled = jnp.tanh(self.pooler(cls)) if self.pooler is not None else cls  # (B, H)
+        return x, pooled
+
+
+def mean_pool(hidden: Array, attention_mask: Array) -> Array:
+    """Average of the token vectors, padding excluded (sentence-transformers' mean pooling).
+
+    mean = sum_t m_t h_t / max(sum_t m_t, 1e-9)
+
+    Args:
+      hidden: ``[batch, seq_len, hidden]``.
+      attention_mask: ``[batch, seq_len]``, 1 for tokens, 0 for padding.
+
+    Returns:
+      ``[batch, hidden]`` float32.
+    """
+    mask = attention_mask.astype(jnp.float32)[..., None]  # (B, T, 1)
+    total = jnp.sum(hidden.astype(jnp.float32) * mask, axis=1)  # (B, H)
+    return total / jnp.maximum(jnp.sum(mask, axis=1), 1e-9)  # (B, H)
+
+
+def l2_normalize(x: Array, eps: float = 1e-12) -> Array:
+    """x / max(||x||_2, eps) along the last axis (torch.nn.functional.normalize)."""
+    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+    return x / jnp.maximum(norm, eps)
+
+
+class BertEncoder(nnx.Module):
+    """One vector per text: BertModel, then pooling, DPR's projection if any, L2 norm if asked.
+
+    ``pooling="cls"`` takes the last-layer [CLS] vector (DPR; the BERT pooler is not used),
+    ``"mean"`` the masked mean over tokens (sentence-transformers).
+    """
+
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        pooling: Pooling = "cls",
+        normalize: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        H, P = config.hidden_size, config.projection_dim
+        self.bert = BertModel(config, rngs=rngs)
+        self.projection = _dense(config, H, P, (EMBED, None), rngs) if P > 0 else None
+        self.pooling = pooling
+        self.normalize = normalize
+        self.source_architecture: str | None = None  # Hugging Face layout it was loaded from
+
+    @property
+    def output_dim(self) -> int:
+        """P: the size of the vectors ``embed`` returns."""
+        return self.bert.config.projection_dim or self.bert.config.hidden_size
+
+    def embed(
+        self,
+        input_ids: Array,
+        attention_mask: Array,
+        token_type_ids: Array | None = None,
+        *,
+        deterministic: bool = True,
+    ) -> Array:
+        """``input_ids, attention_mask [batch, seq_len]`` -> ``[batch, output_dim]`` float32."""
+        hidden, _ = self.bert(
+            input_ids, attention_mask, token_type_ids, deterministic=deterministic
+        )
+        cls = hidden[:, 0]  # (B, H): DPR's text vector
+        vectors = mean_pool(hidden, attention_mask) if self.pooling == "mean" else cls  # (B, H)
+        if self.projection is not None:
+            vectors = self.projection(vectors)  # (B, P)
+        vectors = vectors.astype(jnp.float32)
+        return l2_normalize(vectors) if self.normalize else vectors
+
+    __call__ = embed
+
+
+# --- Hugging Face checkpoints -------------------------------------------------------------------
+
+# NNX module path -> Hugging Face module path; "{i}" is a layer index.
+_HF_MODULES = {
+    "embeddings.word": "embeddings.word_embeddings",
+    "embeddings.position": "embeddings.position_embeddings",
+    "embeddings.token_type": "embeddings.token_type_embeddings",
+    "embeddings.norm": "embeddings.LayerNorm",
+    "layers.{i}.attention.query": "encoder.layer.{i}.attention.self.query",
+    "layers.{i}.attention.key": "encoder.layer.{i}.attention.self.key",
+    "layers.{i}.attention.value": "encoder.layer.{i}.attention.self.value",
+    "layers.{i}.attention.out": "encoder.layer.{i}.attention.output.dense",
+    "layers.{i}.attention_norm": "encoder.layer.{i}.attention.output.LayerNorm",
+    "layers.{i}.mlp_in": "encoder.layer.{i}.intermediate.dense",
+    "layers.{i}.mlp_out": "encoder.layer.{i}.output.dense",
+    "layers.{i}.mlp_norm": "encoder.layer.{i}.output.LayerNorm",
+    "pooler": "pooler.dense",
+}
+_HF_LEAVES = {"kernel": "weight", "embedding": "weight", "scale": "weight", "bias": "bias"}
+# Where each layout keeps the BERT weights and DPR's projection.
+_LAYOUTS = {
+    "BertModel": ("", None),
+    "DPRQuestionEncoder": ("question_encoder.bert_model.", "question_encoder.encode_proj"),
+    "DPRContextEncoder": ("ctx_encoder.bert_model.", "ctx_encoder.encode_proj"),
+}
+# Buffers, not parameters, that some transformers versions save.
+_BUFFERS = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+
+def _hf_name(path: str, bert_prefix: str, projection_name: str | None) -> str:
+    """NNX path of a BertEncoder parameter -> its Hugging Face key in the given layout."""
+    module, leaf = path.rsplit(".", 1)
+    if module == "projection":
+        return f"{projection_name}.{_HF_LEAVES[leaf]}"
+    module = module.removeprefix("bert.")
+    layer = re.match(r"layers\.(\d+)\.", module)
+    if layer:
+        template = _HF_MODULES["layers.{i}." + module[layer.end() :]]
+        hf_module = template.format(i=layer.group(1))
+    else:
+        hf_module = _HF_MODULES[module]
+    return f"{bert_prefix}{hf_module}.{_HF_LEAVES[leaf]}"
+
+
+def _detect_layout(state_dict: dict[str, np.ndarray]) -> tuple[str, str]:
+    """(architecture, BERT key prefix) of a state dict, from where its word embeddings sit."""
+    for architecture, (bert_prefix, _) in _LAYOUTS.items():
+        if bert_prefix and f"{bert_prefix}embeddings.word_embeddings.weight" in state_dict:
+            return architecture, bert_prefix
+    if "bert.embeddings.word_embeddings.weight" in state_dict:
+        return "BertModel", "bert."  # a BertFor* task model: its heads are ignored
+    return "BertModel", ""
+
+
+def _normalise_keys(state_dict: dict[str, np.ndarray], bert_prefix: str) -> dict[str, np.ndarray]:
+    """Drops buffers and task heads, and renames TF-era LayerNorm gamma/beta."""
+    renamed = {}
+    for key, value in state_dict.items():
+        if bert_prefix == "bert." and not key.startswith("bert."):
+            continue  # a task head (cls.*, classifier.*) of a BertFor* model
+        if key.removeprefix(bert_prefix) in _BUFFERS:
+            continue
+        key = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", key)
+        renamed[re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key)] = value
+    return renamed
+
+
+def _sentence_transformers_pooling(checkpoint_dir: Path) -> Pooling:
+    """ "mean" if the directory's 1_Pooling/config.json asks for mean pooling, else "cls"."""
+    path = checkpoint_dir / "1_Pooling" / "config.json"
+    if not path.is_file():
+        return "cls"
+    try:
+        return "mean" if json.loads(path.read_text()).get("pooling_mode_mean_tokens") else "cls"
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not a valid pooling config: {error}") from error
+
+
+def load_bert_encoder(
+    checkpoint_dir: str | os.PathLike,
+    *,
+    pooling: Pooling | None = None,
+    normalize: bool = False,
+    dtype: Any = jnp.float32,
+    remat: bool = False,
+) -> BertEncoder:
+    """Loads a BertEncoder from a local Hugging Face checkpoint directory.
+
+    Reads ``BertModel`` checkpoints (keys with or without ``bert.``), ``DPRQuestionEncoder``
+    (``question_encoder.bert_model.*`` + ``encode_proj``), ``DPRContextEncoder``
+    (``ctx_encoder.*``), and the query encoder of a full RAG checkpoint.
+
+    Args:
+      checkpoint_dir: directory with config.json and model.safetensors (or pytorch_model.bin).
+      pooling: "cls" or "mean"; None picks "mean" when a sentence-transformers
+        ``1_Pooling/config.json`` says so, else "cls" (DPR).
+      normalize: L2-normalise the output vectors.
+      dtype: compute dtype (parameters stay float32).
+      remat: rematerialise each layer in the backward pass.
+
+    Returns:
+      The encoder, weights loaded, with ``source_architecture`` set to the layout it came from.
+    """
+    directory = Path(checkpoint_dir)
+    hf_config = read_hf_config(directory)
+    prefix = None
+    if hf_config.get("model_type") == "rag":
+        hf_config, prefix = read_hf_config(directory, part="question_encoder"), "question_encoder."
+    state_dict = read_state_dict(directory, prefix=prefix)
+    architecture, bert_prefix = _detect_layout(state_dict)
+    state_dict = _normalise_keys(state_dict, bert_prefix)
+    config = BertConfig.from_hf_config(
+        hf_config,
+        dtype=dtype,
+        remat=remat,
+        add_pooling_layer=f"{bert_prefix}pooler.dense.weight" in state_dict,
+    )
+    pooling = pooling or _sentence_transformers_pooling(directory)
+    encoder = BertEncoder(config, pooling=pooling, normalize=normalize, rngs=nnx.Rngs(0))
+    projection_name = _LAYOUTS[architecture][1] or "encode_proj"
+    hf_names = {
+        path: _hf_name(path, bert_prefix, projection_name) for path in module_params(encoder)
+    }
+    nnx_paths = {hf: path for path, hf in hf_names.items()}
+    params = {  # unknown keys keep their checkpoint name and are reported as unexpected
+        nnx_paths.get(key, key): value.T if nnx_paths.get(key, "").endswith("kernel") else value
+        for key, value in state_dict.items()
+    }
+    assign_params(encoder, params, source=f"checkpoint {str(directory)!r}", source_names=hf_names)
+    encoder.source_architecture = architecture
+    return encoder
+
+
+def save_bert_encoder(
+    encoder: BertEncoder,
+    checkpoint_dir: str | os.PathLike,
+    *,
+    architecture: Literal["BertModel", "DPRQuestionEncoder", "DPRContextEncoder"] | None = None,
+) -> None:
+    """Saves ``encoder`` in the Hugging Face layout that transformers' ``from_pretrained`` reads.
+
+    Args:
+      encoder: the encoder to save.
+      checkpoint_dir: destination; an existing checkpoint there is replaced atomically (its
+        tokenizer files are kept).
+      architecture: layout to write; defaults to the one the encoder was loaded from, else
+        "DPRQuestionEncoder" for an encoder with a projection, else "BertModel". DPR layouts
+        have no BERT pooler: the pooler (unused by the encoder) is not saved there.
+    """
+    if architecture is None:
+        default = "DPRQuestionEncoder" if encoder.projection is not None else "BertModel"
+        architecture = encoder.source_architecture or default
+    if architecture not in _LAYOUTS:
+        raise ValueError(f"architecture must be one of {sorted(_LAYOUTS)}, got {architecture!r}")
+    if architecture == "BertModel" and encoder.projection is not None:
+        raise ValueError("BertModel has no projection layer: save this encoder as a DPR encoder")
+    bert_prefix, projection_name = _LAYOUTS[architecture]
+    state_dict = {
+        _hf_name(path, bert_prefix, projection_name): value.T if path.endswith("kernel") else value
+        for path, value in module_params(encoder).items()
+        if not (path.startswith("bert.pooler.") and architecture != "BertModel")
+    }
+    config = encoder.bert.config
+    model_type = "bert" if architecture == "BertModel" else "dpr"
+    hf_config = {**config.to_hf_config(model_type), "architectures": [architecture]}
+    extra_files = {}
+    if encoder.pooling == "mean":  # so that load_bert_encoder picks mean pooling again
+        pooling_config = {
+            "word_embedding_dimension": config.hidden_size,
+            "pooling_mode_cls_token": False,
+            "pooling_mode_mean_tokens": True,
+            "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False,
+        }
+        extra_files["1_Pooling/config.json"] = json.dumps(pooling_config, indent=2) + "\n"
+    save_hf_checkpoint(checkpoint_dir, state_dict, hf_config, extra_files=extra_files)
+
+
+def load_bert_tokenizer(checkpoint_dir: str | os.PathLike):
+    """The checkpoint's tokenizer via ``transformers.AutoTokenizer``, from local files only.
+
+    For a RAG checkpoint directory, the tokenizer in its ``question_encoder_tokenizer/``.
+    """
+    from transformers import AutoTokenizer  # lazy: transformers is slow to import
+
+    directory = Path(checkpoint_dir)
+    if (directory / "question_encoder_tokenizer").is_dir():
+        directory = directory / "question_encoder_tokenizer"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -1,0 +1,53 @@
+"""The document index: corpus and passage store, encoding, exact and ScaNN MIPS, hot-swap.
+
+Build an index directory with :func:`build_index` (or ``python -m rag_jax.index build``), open it
+with :class:`KnowledgeSource` (or :func:`load_index`), search it with query vectors.
+"""
+
+from rag_jax.index.build import build_index
+from rag_jax.index.corpus import (
+    CorpusError,
+    CorpusReader,
+    Passage,
+    PassageStore,
+    split_document,
+    split_passages,
+)
+from rag_jax.index.encode import (
+    TextEncoder,
+    encode_passages,
+    encode_texts,
+    load_text_encoder,
+    weights_sha256,
+)
+from rag_jax.index.exact import ExactIndex, SearchResult, chunked_top_k, exact_search
+from rag_jax.index.manifest import IndexMismatchError, Manifest
+from rag_jax.index.scann_index import ScannConfig, ScannIndex
+from rag_jax.index.source import Index, KnowledgeSource, LoadedIndex, load_index
+
+__all__ = [
+    "CorpusError",
+    "CorpusReader",
+    "ExactIndex",
+    "Index",
+    "IndexMismatchError",
+    "KnowledgeSource",
+    "LoadedIndex",
+    "Manifest",
+    "Passage",
+    "PassageStore",
+    "ScannConfig",
+    "ScannIndex",
+    "SearchResult",
+    "TextEncoder",
+    "build_index",
+    "chunked_top_k",
+    "encode_passages",
+    "encode_texts",
+    "exact_search",
+    "load_index",
+    "load_text_encoder",
+    "split_document",
+    "split_passages",
+    "weights_sha256",
+]

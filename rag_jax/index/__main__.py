@@ -1,0 +1,116 @@
+"""Command line: build an index directory from a corpus, or search one.
+
+python -m rag_jax.index build --corpus psgs.jsonl --encoder MODEL_DIR --out indexes/wiki
+python -m rag_jax.index search --index indexes/wiki --query "who wrote hamlet" -k 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import textwrap
+
+from rag_jax.index.build import build_index
+from rag_jax.index.corpus import CorpusError
+from rag_jax.index.encode import encode_texts, load_text_encoder
+from rag_jax.index.manifest import IndexMismatchError, Manifest
+from rag_jax.index.scann_index import ScannConfig
+from rag_jax.index.source import KnowledgeSource
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m rag_jax.index", description=__doc__.strip())
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser("build", help="encode a corpus into an index directory")
+    build.add_argument("--corpus", required=True, help="JSONL or psgs_w100 .tsv file")
+    build.add_argument("--encoder", required=True, help="document encoder (local HF directory)")
+    build.add_argument("--out", required=True, help="index directory to create or replace")
+    build.add_argument("--backend", choices=("scann", "exact"), default="scann")
+    build.add_argument("--split-words", type=int, help="split documents into N-word passages")
+    build.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad lines")
+    build.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    build.add_argument("--batch-size", type=int, default=128)
+    build.add_argument("--chunk-size", type=int, default=8192, help="passages per resumable step")
+    build.add_argument("--max-length", type=int, default=512, help="token limit per passage")
+    build.add_argument("--num-leaves", type=int, help="ScaNN partitions (default ~sqrt(N))")
+    build.add_argument("--leaves-to-search", type=int, help="ScaNN partitions searched")
+    build.add_argument("--reorder-k", type=int, default=256, help="ScaNN exact re-scoring depth")
+
+    search = commands.add_parser("search", help="print the top passages for queries")
+    search.add_argument("--index", required=True, help="index directory")
+    search.add_argument("--query", required=True, action="append", help="query text (repeatable)")
+    search.add_argument("-k", type=int, default=5, help="passages per query")
+    search.add_argument(
+        "--encoder", help="the index's document encoder (default: the manifest's encoder_path)"
+    )
+    search.add_argument("--query-encoder", help="a separate query encoder, e.g. DPR's")
+    search.add_argument("--backend", choices=("scann", "exact"), help="default: the index's")
+    return parser
+
+
+def _build(args: argparse.Namespace) -> None:
+    encoder = load_text_encoder(args.encoder, max_length=args.max_length)
+    manifest = build_index(
+        args.corpus,
+        encoder,
+        args.out,
+        backend=args.backend,
+        split_words=args.split_words,
+        skip_bad=args.skip_bad_lines,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        chunk_size=args.chunk_size,
+        scann_config=ScannConfig(
+            num_leaves=args.num_leaves,
+            leaves_to_search=args.leaves_to_search,
+            reorder_k=args.reorder_k,
+        ),
+        encoder_path=args.encoder,
+    )
+    skipped = f", {manifest.n_skipped} bad line(s) skipped" if manifest.n_skipped else ""
+    print(f"built {args.out}: {manifest.count} passages, {manifest.dim}-dim{skipped}")
+
+
+def _search(args: argparse.Namespace) -> None:
+    manifest = Manifest.read(args.index)
+    if args.query_encoder:  # an asymmetric (DPR) pair: only the vector size must agree
+        encoder, doc_encoder_sha256 = load_text_encoder(args.query_encoder), None
+    else:
+        path = args.encoder or manifest.encoder_path
+        if not path:
+            raise IndexMismatchError(f"{args.index}: no encoder recorded; pass --encoder")
+        encoder = load_text_encoder(path)
+        doc_encoder_sha256 = encoder.weights_sha256
+    source = KnowledgeSource(
+        args.index,
+        backend=args.backend,
+        encoder_sha256=doc_encoder_sha256,
+        encoder_name=encoder.name,
+        dim=encoder.dim,
+    )
+    result, passages = source.retrieve(encode_texts(encoder, args.query), args.k)
+    for query, scores, hits in zip(args.query, result.scores, passages, strict=True):
+        print(f"query: {query}")
+        print(f"{'rank':>4}  {'score':>8}  {'title':<30}  text")
+        for rank, (score, passage) in enumerate(zip(scores, hits, strict=True), start=1):
+            title = textwrap.shorten(passage.title, 30, placeholder="...")
+            text = textwrap.shorten(passage.text, 80, placeholder="...")
+            print(f"{rank:>4}  {float(score):8.4f}  {title:<30}  {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rag_jax").setLevel(logging.INFO)
+    try:
+        _build(args) if args.command == "build" else _search(args)
+    except (CorpusError, IndexMismatchError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The manifest of an index directory: what built it, over what, and checks made when it is loaded.
+
+An index is only meaningful with the document encoder that produced its vectors: searching it with
+queries from another embedding space returns confident garbage. Every index directory therefore
+carries ``manifest.json`` naming the encoder (name and SHA-256 of its weights), the vector dim,
+count and dtype, the backend, the passage store's checksum and the build time; loading compares
+it against what the caller expects and against the files present.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FILE = "manifest.json"
+FORMAT = "rag_jax.index/1"
+BACKENDS = ("exact", "scann")
+
+
+class IndexMismatchError(ValueError):
+    """An index directory does not fit what is asked of it (encoder, dim, files)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """Identity of an index directory.
+
+    Attributes:
+      encoder_name: the document encoder's name (e.g. its model directory name).
+      encoder_sha256: SHA-256 of the encoder's weights (``encode.weights_sha256``).
+      dim: H, the embedding size.
+      count: N, the number of passages (= rows of the embeddings).
+      dtype: storage dtype of the embeddings, "float32" or "float16".
+      backend: "exact" or "scann".
+      corpus_sha256: checksum of the passage store (ids, titles, texts in order).
+      source_sha256: SHA-256 of the corpus file the store was read from.
+      source: that file's path at build time (informational).
+      encoder_path: where the encoder was loaded from at build time, if known (informational).
+      n_skipped: bad corpus lines skipped during the build.
+      created: build time, ISO 8601 UTC.
+      backend_config: the backend's settings.
+      format: manifest format version.
+    """
+
+    encoder_name: str
+    encoder_sha256: str
+    dim: int
+    count: int
+    dtype: str
+    backend: str
+    corpus_sha256: str
+    source_sha256: str = ""
+    source: str = ""
+    encoder_path: str = ""
+    n_skipped: int = 0
+    created: str = dataclasses.field(
+        default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    )
+    backend_config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    format: str = FORMAT
+
+    def write(self, index_dir: str | os.PathLike) -> None:
+        """Writes ``manifest.json`` into ``index_dir`` (temp file, then rename)."""
+        path = Path(index_dir) / MANIFEST_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read(index_dir: str | os.PathLike) -> Manifest:
+        """Reads and validates ``index_dir/manifest.json``."""
+        path = Path(index_dir) / MANIFEST_FILE
+        if not path.is_file():
+            raise IndexMismatchError(f"{index_dir} is not an index directory: no {MANIFEST_FILE}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IndexMismatchError(f"{path}: unreadable manifest ({e})") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise IndexMismatchError(f"{path}: not a {FORMAT} manifest")
+        fields = {f.name for f in dataclasses.fields(Manifest)}
+        required = {
+            f.name
+            for f in dataclasses.fields(Manifest)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        missing = sorted(required - data.keys())
+        if missing:
+            raise IndexMismatchError(f"{path}: manifest lacks field(s) {', '.join(missing)}")
+        manifest = Manifest(**{key: value for key, value in data.items() if key in fields})
+        if manifest.backend not in BACKENDS:
+            raise IndexMismatchError(f"{path}: unknown backend {manifest.backend!r}")
+        return manifest
+
+    def check(
+        self,
+        index_dir: str | os.PathLike,
+        *,
+        encoder_sha256: str | None = None,
+        encoder_name: str | None = None,
+        dim: int | None = None,
+    ) -> None:
+        """Raises :class:`IndexMismatchError` if the index was built for another encoder or dim.
+
+        Args:
+          index_dir: the index directory (named in the message).
+          encoder_sha256: the document encoder the caller uses; None skips the check.
+          encoder_name: its name, for the message.
+          dim: the query embedding size the caller will search with; None skips the check.
+        """
+        if dim is not None and dim != self.dim:
+            raise IndexMismatchError(
+                f"index {index_dir} holds {self.dim}-dim vectors (encoder {self.encoder_name!r}) "
+                f"but the query vectors are {dim}-dim"
+            )
+        if encoder_sha256 is not None and encoder_sha256 != self.encoder_sha256:
+            raise IndexMismatchError(
+                f"index {index_dir} was built with encoder {self.encoder_name!r} "
+                f"(weights sha256 {self.encoder_sha256[:12]}...) but the document encoder given is "
+                f"{encoder_name or '?'!r} (weights sha256 {encoder_sha256[:12]}...); rebuild the "
+                "index with this encoder or load the one it was built with"
+            )

@@ -1,0 +1,186 @@
+"""Approximate MIPS on the host with ScaNN (Guo et al., 2020) via its pybind API (no TensorFlow).
+
+Three stages: a k-means tree partitions the corpus into ``num_leaves`` leaves and each query scans
+only its ``leaves_to_search`` nearest; inside them, anisotropic asymmetric hashing (AH) scores
+every point from 4-bit codes (``dims_per_block`` dimensions per code) with in-register lookup
+tables; the best ``reorder_k`` are then re-scored exactly against the float32 vectors. The
+defaults below give recall@10 >= 0.95 against exact search on our tests and benchmark.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rag_jax.index.exact import SearchResult
+
+_CONFIG_FILE = "scann_index.json"
+_ASSETS_FILE = "scann_assets.pbtxt"
+# Below this many points partitioning and hashing buy nothing: score everything exactly.
+_BRUTE_FORCE_BELOW = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class ScannConfig:
+    """ScaNN settings; ``None`` fields are derived from N by :meth:`resolve`.
+
+    Attributes:
+      num_leaves: k-means partitions (default ~sqrt(N)).
+      leaves_to_search: partitions scanned per query (default ~num_leaves / 10, at least 8).
+      reorder_k: candidates re-scored exactly (default 256).
+      dims_per_block: dimensions per 4-bit AH code; 2 is ScaNN's recommendation for recall.
+      anisotropic_threshold: AH's anisotropic quantization threshold (ScaNN's suggested 0.2 for
+        normalised data; it weighs the error parallel to a point more, which is what MIPS needs).
+      training_sample_size: points used to train the partitioner and the AH codebooks.
+      brute_force: score all points exactly (chosen automatically for tiny N).
+    """
+
+    num_leaves: int | None = None
+    leaves_to_search: int | None = None
+    reorder_k: int = 256
+    dims_per_block: int = 2
+    anisotropic_threshold: float = 0.2
+    training_sample_size: int = 100_000
+    brute_force: bool | None = None
+
+    def resolve(self, n: int) -> ScannConfig:
+        """Fills the N-dependent defaults."""
+        brute_force = n < _BRUTE_FORCE_BELOW if self.brute_force is None else self.brute_force
+        num_leaves = self.num_leaves or max(2, round(math.sqrt(n)))
+        num_leaves = min(num_leaves, max(2, n // 10))
+        leaves_to_search = self.leaves_to_search or max(8, math.ceil(num_leaves / 10))
+        return dataclasses.replace(
+            self,
+            num_leaves=num_leaves,
+            leaves_to_search=min(leaves_to_search, num_leaves),
+            training_sample_size=min(self.training_sample_size, n),
+            brute_force=brute_force,
+        )
+
+
+class ScannIndex:
+    """ScaNN searcher plus the stored (N, H) embeddings it returns doc vectors from.
+
+    Build with :meth:`build`, persist with :meth:`save` (ScaNN's own serialisation, with paths
+    relative to the directory so it can be moved) and reopen with :meth:`load`.
+    """
+
+    def __init__(self, searcher, embeddings: np.ndarray, config: ScannConfig):
+        self.searcher = searcher
+        self.embeddings = embeddings
+        self.config = config
+
+    @property
+    def n_docs(self) -> int:
+        return self.embeddings.shape[0]
+
+    @staticmethod
+    def build(
+        embeddings: np.ndarray, config: ScannConfig | None = None, *, threads: int = 0
+    ) -> ScannIndex:
+        """Trains and fills a ScaNN searcher for (N, H) embeddings (dot product).
+
+        Args:
+          embeddings: (N, H) float array (a memory map is fine; ScaNN copies it as float32).
+          config: settings; defaults derived from N.
+          threads: training threads (0: ScaNN's default).
+        """
+        import scann
+
+        n = embeddings.shape[0]
+        config = (config or ScannConfig()).resolve(n)
+        data = np.ascontiguousarray(embeddings, dtype=np.float32)
+        builder = scann.scann_ops_pybind.builder(data, 10, "dot_product")
+        if config.brute_force:
+            builder = builder.score_brute_force()
+        else:
+            builder = (
+                builder.tree(
+                    num_leaves=config.num_leaves,
+                    num_leaves_to_search=config.leaves_to_search,
+                    training_sample_size=config.training_sample_size,
+                )
+                .score_ah(
+                    config.dims_per_block,
+                    anisotropic_quantization_threshold=config.anisotropic_threshold,
+                    training_sample_size=config.training_sample_size,
+                )
+                .reorder(config.reorder_k)
+            )
+        searcher = builder.set_n_training_threads(threads).build()
+        return ScannIndex(searcher, embeddings, config)
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        leaves_to_search: int | None = None,
+        reorder_k: int | None = None,
+    ) -> SearchResult:
+        """Approximate top-k MIPS for (B, H) queries.
+
+        Returns:
+          :class:`SearchResult` of NumPy arrays: ids (B, k) int32, scores (B, k) float32 (exact
+          inner products after reordering), doc_vectors (B, k, H) float32. If ScaNN finds fewer
+          than k candidates, missing slots hold id -1, score -inf and a zero vector.
+        """
+        if not 0 < k <= self.n_docs:
+            raise ValueError(f"k must be in [1, {self.n_docs}], got {k}")
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        leaves = leaves_to_search or self.config.leaves_to_search
+        reorder = max(k, reorder_k or self.config.reorder_k)
+        if self.config.brute_force:
+            leaves, reorder = None, None
+        if len(queries) == 1:
+            ids, scores = self.searcher.search_batched(queries, k, reorder, leaves)
+        else:
+            ids, scores = self.searcher.search_batched_parallel(queries, k, reorder, leaves)
+        ids, scores = _pad_to_k(np.asarray(ids), np.asarray(scores), k)
+        vectors = np.asarray(self.embeddings[np.maximum(ids, 0).ravel()], np.float32)
+        vectors = vectors.reshape(*ids.shape, -1) * (ids >= 0)[..., None]
+        return SearchResult(ids, scores, vectors)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Serialises the searcher into directory ``path`` (embeddings are stored by the caller)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.searcher.serialize(str(path), relative_path=True)
+        (path / _CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+
+    @staticmethod
+    def load(path: str | os.PathLike, embeddings: np.ndarray) -> ScannIndex:
+        """Loads a searcher saved by :meth:`save`; ``embeddings`` are the (N, H) stored vectors."""
+        from scann.scann_ops.py import scann_ops_pybind
+
+        path = Path(path)
+        assets = path / _ASSETS_FILE
+        if not assets.is_file():
+            raise FileNotFoundError(f"no ScaNN searcher in {path} (missing {_ASSETS_FILE})")
+        if (path / "scann_docids.pkl").exists():
+            # ScaNN's own loader would unpickle this file; we never write it and never unpickle.
+            raise ValueError(f"{path}: refusing to load a ScaNN directory holding a pickle")
+        config = ScannConfig(**json.loads((path / _CONFIG_FILE).read_text()))
+        native = scann_ops_pybind.scann_pybind.ScannNumpy(str(path), assets.read_text())
+        searcher = scann_ops_pybind.ScannSearcher(native)
+        if searcher.size() != embeddings.shape[0]:
+            raise ValueError(
+                f"{path}: ScaNN searcher holds {searcher.size()} points but the embeddings "
+                f"have {embeddings.shape[0]} rows"
+            )
+        return ScannIndex(searcher, embeddings, config)
+
+
+def _pad_to_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = ids.astype(np.int64).reshape(len(ids), -1)
+    scores = scores.astype(np.float32).reshape(len(scores), -1)
+    missing = k - ids.shape[1]
+    if missing > 0:
+        ids = np.pad(ids, ((0, 0), (0, missing)), constant_values=-1)
+        scores = np.pad(scores, ((0, 0), (0, missing)), constant_values=-np.inf)
+    return ids.astype(np.int32), scores

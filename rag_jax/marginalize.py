@@ -57,9 +57,9 @@ def retriever_scores(query_emb: Array, doc_emb: Array) -> Array:
     Returns:
       ``[B, K]`` float32 scores.
     """
-    return jnp.einsum(
-        "bh,bkh->bk", query_emb, doc_emb, preferred_element_type=jnp.float32
-    ).astype(jnp.float32)
+    return jnp.einsum("bh,bkh->bk", query_emb, doc_emb, preferred_element_type=jnp.float32).astype(
+        jnp.float32
+    )
 
 
 def doc_log_probs(doc_scores: Array) -> Array:
@@ -81,9 +81,7 @@ def doc_log_probs(doc_scores: Array) -> Array:
     return doc_scores - safe_normaliser
 
 
-def retriever_log_probs(
-    query_emb: Array, doc_emb: Array, doc_mask: Array | None = None
-) -> Array:
+def retriever_log_probs(query_emb: Array, doc_emb: Array, doc_mask: Array | None = None) -> Array:
     """``log p_eta(z|x)`` over the top-K documents, ``p_eta(z|x) ∝ exp(d(z)·q(x))``.
 
     Args:

@@ -1,0 +1,160 @@
+"""Forward throughput of our jitted BERT and BART against transformers' PyTorch eager models.
+
+Both sides get the same random weights (the torch model is saved to a temporary Hugging Face
+checkpoint and read back with our loaders) and the same padded batch. Runs of ours and of torch
+alternate, so that load from other processes hits both alike; the table reports the median.
+
+    .venv/bin/python benchmarks/bench_models.py            # BERT-base and BART-base, CPU
+    .venv/bin/python benchmarks/bench_models.py --runs 3   # quicker
+
+torch runs under torch.inference_mode() with torch.set_num_threads(--threads) (default 2, this
+machine's core count); JAX uses the same CPU cores through XLA.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from flax import nnx
+from tqdm import tqdm
+
+from rag_jax.models.bart import load_bart
+from rag_jax.models.bert import load_bert_encoder
+
+
+def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, pad: int):
+    """Random ids (batch, length) with 0-25% right padding per row, and the 0/1 mask."""
+    ids = rng.integers(3, vocab, (batch, length))
+    lengths = rng.integers(int(0.75 * length), length + 1, batch)
+    mask = (np.arange(length)[None, :] < lengths[:, None]).astype(np.int64)
+    return np.where(mask == 1, ids, pad), mask
+
+
+def jitted(model: nnx.Module, method: str):
+    """jax.jit of model.method(*args) over the split state: no NNX graph traversal per call."""
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def run(state, *args):
+        return getattr(nnx.merge(graphdef, state), method)(*args)
+
+    return lambda *args: run(state, *args)
+
+
+def time_pair(ours, reference, runs: int, warmup: int, label: str):
+    """Alternates ours() and reference() runs; returns their median seconds."""
+    for _ in range(warmup):
+        jax.block_until_ready(ours())
+        reference()
+    ours_times, reference_times = [], []
+    for _ in tqdm(range(runs), desc=label, unit="run"):
+        start = time.perf_counter()
+        jax.block_until_ready(ours())
+        ours_times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        reference()
+        reference_times.append(time.perf_counter() - start)
+    return statistics.median(ours_times), statistics.median(reference_times)
+
+
+def bench_bert(args, directory: str):
+    config = transformers.BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, vocab 30522
+    torch.manual_seed(0)
+    reference = transformers.BertModel(config).eval()
+    reference.save_pretrained(directory)
+    ours = jitted(load_bert_encoder(directory).bert, "__call__")
+
+    rng = np.random.default_rng(0)
+    ids, mask = padded_batch(rng, args.batch, args.bert_len, config.vocab_size, config.pad_token_id)
+    jax_args = (jnp.asarray(ids), jnp.asarray(mask))
+    torch_args = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+
+    def run_reference():
+        with torch.inference_mode():
+            return reference(**torch_args).last_hidden_state
+
+    max_diff = np.abs(np.asarray(ours(*jax_args)[0]) - run_reference().numpy()).max()
+    seconds = time_pair(lambda: ours(*jax_args), run_reference, args.runs, args.warmup, "BERT")
+    return "BERT-base encoder", f"B={args.batch}, T={args.bert_len}", ids.size, seconds, max_diff
+
+
+def bench_bart(args, directory: str):
+    config = transformers.BartConfig(  # bart-base
+        d_model=768,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=12,
+        decoder_attention_heads=12,
+        encoder_ffn_dim=3072,
+        decoder_ffn_dim=3072,
+    )
+    torch.manual_seed(0)
+    reference = transformers.BartForConditionalGeneration(config).eval()
+    reference.save_pretrained(directory)
+    ours = jitted(load_bart(directory), "__call__")
+
+    rng = np.random.default_rng(1)
+    V, pad = config.vocab_size, config.pad_token_id
+    ids, mask = padded_batch(rng, args.batch, args.src_len, V, pad)
+    decoder_ids, decoder_mask = padded_batch(rng, args.batch, args.tgt_len, V, pad)
+    arrays = (ids, mask, decoder_ids, decoder_mask)
+    jax_args = tuple(map(jnp.asarray, arrays))
+    names = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+    torch_args = {name: torch.from_numpy(array) for name, array in zip(names, arrays, strict=True)}
+
+    def run_reference():
+        with torch.inference_mode():
+            return reference(**torch_args).logits
+
+    max_diff = np.abs(np.asarray(ours(*jax_args)) - run_reference().numpy()).max()
+    seconds = time_pair(lambda: ours(*jax_args), run_reference, args.runs, args.warmup, "BART")
+    shape = f"B={args.batch}, src={args.src_len}, tgt={args.tgt_len}"
+    return "BART-base seq2seq (logits)", shape, ids.size + decoder_ids.size, seconds, max_diff
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--bert-len", type=int, default=128)
+    parser.add_argument("--src-len", type=int, default=128)
+    parser.add_argument("--tgt-len", type=int, default=32)
+    parser.add_argument("--runs", type=int, default=7, help="timed runs per side (median)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--only", choices=["bert", "bart"], default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as directory:
+        if args.only in (None, "bert"):
+            rows.append(bench_bert(args, os.path.join(directory, "bert")))
+        if args.only in (None, "bart"):
+            rows.append(bench_bart(args, os.path.join(directory, "bart")))
+
+    print(
+        f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"eager, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+        f"median of {args.runs} alternating runs after {args.warmup} warm-up\n"
+    )
+    header = "| model | batch | ours tokens/s | torch tokens/s | ours / torch | max abs diff |"
+    print(header)
+    print("|---|---|---:|---:|---:|---:|")
+    for name, shape, tokens, (ours_s, torch_s), max_diff in rows:
+        print(
+            f"| {name} | {shape} | {tokens / ours_s:,.0f} | {tokens / torch_s:,.0f} "
+            f"| {torch_s / ours_s:.2f}x | {max_diff:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -157,6 +157,13 @@ class KeyValue:
     key: Array
     value: Array
 
+    def write(self, new: KeyValue, index: Array) -> KeyValue:
+        """Stores new (N, T, n, hd) at positions [index, index + T) of this (N, L, n, hd) cache."""
+        write = lambda old, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
+            old, x.astype(old.dtype), index, axis=1
+        )
+        return jax.tree.map(write, self, new)
+
 
 @struct.dataclass
 class EncoderMemory:
@@ -416,11 +423,8 @@ class DecoderLayer(_Layer):
         """
         h = self.pre_norm(x, self.self_attn_layer_norm)
         kv = self.self_attn.keys_values(h)  # (B, T, n, hd)
-        if cache is not None:  # write this step's K/V at [end_index, end_index + T)
-            write = lambda old, new: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
-                old, new.astype(old.dtype), end_index, axis=1
-            )
-            kv = cache = jax.tree.map(write, cache, kv)  # (B, max_len, n, hd)
+        if cache is not None:
+            kv = cache = cache.write(kv, end_index)  # (B, max_len, n, hd)
         x = self.add_residual(x, self.self_attn(h, kv, self_mask), self.self_attn_layer_norm)
         h = self.pre_norm(x, self.encoder_attn_layer_norm)
         h = self.encoder_attn(h, memory, memory_mask)  # (B, T, H)

@@ -110,8 +110,10 @@ def retriever_log_probs(query_emb: Array, doc_emb: Array, doc_mask: Array | None
 def target_log_probs(logits: Array, targets: Array) -> Array:
     """Log-probability of each target token, ``log softmax(logits)[target]``.
 
-    Computed as ``logits[target] - logsumexp(logits)``: a gather and a reduction over V,
-    which XLA fuses, so no ``[..., V]`` log-softmax is ever stored.
+    Computed as ``logits[target] - logsumexp(logits)``: a select and a reduction over V,
+    which XLA fuses, so no ``[..., V]`` log-softmax is ever stored; the gradient
+    ``onehot(target) - softmax(logits)`` is recomputed from the saved ``[...]`` normaliser
+    and written straight into the ``[..., V]`` cotangent.
 
     Args:
       logits: ``[..., T, V]`` generator logits (any float dtype).
@@ -119,19 +121,64 @@ def target_log_probs(logits: Array, targets: Array) -> Array:
         (e.g. ``[B, 1, T]`` against ``[B, K, T, V]``).
 
     Returns:
-      ``[..., T]`` float32 log-probabilities.
+      ``[..., T]`` float32 log-probabilities. Reverse-mode differentiable (``grad``,
+      ``vjp``); forward-mode (``jvp``) is not defined.
     """
-    targets = jnp.broadcast_to(targets, logits.shape[:-1])
-    logits = logits.astype(jnp.float32)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return target_logits - jax.nn.logsumexp(logits, axis=-1)
+    return _target_log_probs(logits, jnp.broadcast_to(targets, logits.shape[:-1]))
 
 
+def _is_target(logits: Array, targets: Array) -> Array:
+    """``[..., V]`` bool one-hot of ``targets`` without a gather (fuses with its consumer)."""
+    vocab_ids = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
+    return vocab_ids == targets[..., None]
+
+
+# Both functions below have a hand-written VJP for memory, not for speed: left to autodiff,
+# XLA keeps exp(logits - lse) from the forward pass as a second [..., V] buffer beside the
+# cotangent (measured: 470 MB instead of 257 MB at B=8, K=5, T=32, V=50265).
+@jax.custom_vjp
+def _target_log_probs(logits: Array, targets: Array) -> Array:
+    return _target_log_probs_fwd(logits, targets)[0]
+
+
+def _target_log_probs_fwd(logits, targets):
+    logits_f32 = logits.astype(jnp.float32)
+    log_normaliser = jax.nn.logsumexp(logits_f32, axis=-1)  # (...)
+    target_logits = jnp.sum(jnp.where(_is_target(logits, targets), logits_f32, 0.0), axis=-1)
+    return target_logits - log_normaliser, (logits, targets, log_normaliser)
+
+
+def _target_log_probs_bwd(residuals, cotangent):
+    logits, targets, log_normaliser = residuals
+    softmax = jnp.exp(logits.astype(jnp.float32) - log_normaliser[..., None])  # recomputed
+    one_hot = _is_target(logits, targets).astype(jnp.float32)
+    return (cotangent[..., None] * (one_hot - softmax)).astype(logits.dtype), None
+
+
+_target_log_probs.defvjp(_target_log_probs_fwd, _target_log_probs_bwd)
+
+
+@jax.custom_vjp
 def _sum_log_softmax(logits: Array) -> Array:
     """``Σ_v log softmax(logits)_v = Σ_v logits_v - V·logsumexp(logits)``: ``[..., V] -> [...]``."""
-    logits = logits.astype(jnp.float32)
-    vocab_size = logits.shape[-1]
-    return jnp.sum(logits, axis=-1) - vocab_size * jax.nn.logsumexp(logits, axis=-1)
+    return _sum_log_softmax_fwd(logits)[0]
+
+
+def _sum_log_softmax_fwd(logits):
+    logits_f32 = logits.astype(jnp.float32)
+    log_normaliser = jax.nn.logsumexp(logits_f32, axis=-1)  # (...)
+    vocab_sum = jnp.sum(logits_f32, axis=-1) - logits.shape[-1] * log_normaliser
+    return vocab_sum, (logits, log_normaliser)
+
+
+def _sum_log_softmax_bwd(residuals, cotangent):
+    logits, log_normaliser = residuals
+    softmax = jnp.exp(logits.astype(jnp.float32) - log_normaliser[..., None])  # recomputed
+    grad = cotangent[..., None] * (1.0 - logits.shape[-1] * softmax)
+    return (grad.astype(logits.dtype),)
+
+
+_sum_log_softmax.defvjp(_sum_log_softmax_fwd, _sum_log_softmax_bwd)
 
 
 # --------------------------------------------------------------------------------------

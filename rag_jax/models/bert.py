@@ -230,6 +230,11 @@ def _apply_layer(layer: BertLayer, x: Array, mask_bias: Array, deterministic: bo
     return layer(x, mask_bias, deterministic=deterministic)
 
 
+# Keeps only the layer inputs for the backward pass. Tree mode (graph=False) also works when the
+# model is nnx.merge'd inside a plain jax.jit / jax.grad.
+_remat_layer = nnx.remat(_apply_layer, static_argnums=3, graph=False)
+
+
 class BertModel(nnx.Module):
     """BERT: embeddings and a stack of post-LN layers; same outputs as transformers' BertModel."""
 
@@ -270,9 +275,7 @@ class BertModel(nnx.Module):
         token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         mask_bias = padding_mask_bias(attention_mask)  # (B, 1, 1, T)
         x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)  # (B, T, H)
-        apply_layer = (
-            nnx.remat(_apply_layer, static_argnums=3) if self.config.remat else _apply_layer
-        )
+        apply_layer = _remat_layer if self.config.remat else _apply_layer
         for layer in self.layers:
             x = apply_layer(layer, x, mask_bias, deterministic)  # (B, T, H)
         cls = x[:, 0]  # (B, H)

@@ -5,7 +5,7 @@ Modules name the dimensions of every ``nnx.Param`` with logical axes (``axes(EMB
 shardings with :func:`param_shardings`, or shards a built model in place with
 :func:`shard_module`::
 
-    mesh = jax.make_mesh((2, 4), MESH_AXES)
+    mesh = make_mesh(data=2)  # (data, fsdp) = (2, n_devices // 2)
     shardings = param_shardings(nnx.eval_shape(lambda: BertModel(config, rngs=nnx.Rngs(0))), mesh)
 
 The annotations are plain Flax NNX ``out_sharding`` metadata, so Flax's own tools
@@ -17,7 +17,7 @@ from typing import Any
 
 import jax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 # Mesh axes.
 DATA = "data"  # data parallelism: parameters replicated, batch split
@@ -43,6 +43,16 @@ LOGICAL_RULES: Rules = (
     (HEADS, None),
     (VOCAB, None),
 )
+
+
+def make_mesh(data: int = 1, fsdp: int | None = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over all devices; ``fsdp=None`` takes the devices ``data`` leaves.
+
+    Its axes are ``Auto``: XLA's partitioner inserts FSDP's all-gathers, so model code needs no
+    explicit output shardings (with ``Explicit`` axes, every matmul over a sharded width would).
+    """
+    fsdp = jax.device_count() // data if fsdp is None else fsdp
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def axes(*names: str | None) -> dict[str, Any]:

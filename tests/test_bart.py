@@ -400,6 +400,12 @@ def test_bad_checkpoints_raise_clear_errors(checkpoint, model, tmp_path):
     assert "mis-shaped" in message and "decoder.layers.0.fc1.kernel" in message
     assert "'model.decoder.layers.0.fc1.weight'" in message and "(32, 40)" in message
     assert "missing" in message and "decoder.layers.2.self_attn.q_proj.kernel" in message
+    config.update(decoder_ffn_dim=48, decoder_layers=1)
+    (wrong_shapes / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match=r"26 unexpected(.|\n)*\n  model\.decoder\.layers\.1\.fc1\.weight\n"
+    ):
+        load_bart(wrong_shapes)
 
     with pytest.raises(ValueError, match="exceeds max_position_embeddings 40"):
         model.encode(jnp.ones((1, 41), jnp.int32), jnp.ones((1, 41), jnp.int32))

@@ -656,7 +656,8 @@ def load_bart(
     for name, value in state_dict.items():
         path = path_of.get(name, name)  # an unknown name stays as is and is reported unexpected
         params[path] = value.T if path.endswith(".kernel") and value.ndim == 2 else value
-        names[path] = name
+        if path != name:
+            names[path] = name
     assign_params(model, params, source=source, source_names=names)
     model.final_logits_bias.set_value(jnp.asarray(bias[0], jnp.float32))
     return model

@@ -8,7 +8,9 @@ chunk (see encode.py), giving the same bytes as an uninterrupted build.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -16,6 +18,7 @@ import shutil
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from rag_jax.index.corpus import CorpusError, CorpusReader, PassageStore, split_passages
 from rag_jax.index.encode import TextEncoder, encode_passages, sync_processes
@@ -73,49 +76,68 @@ def build_index(
         "skip_bad": skip_bad,
     }
     leader = jax.process_index() == 0
-    if leader:
-        stats = _build_store(corpus, work, settings, split_words=split_words, skip_bad=skip_bad)
-    sync_processes("rag_jax.index.build.store")
-    store = PassageStore(work / PASSAGES_DIR)
-    embeddings = encode_passages(
-        store,
-        encoder,
-        work / EMBEDDINGS_FILE,
-        dtype=dtype,
-        batch_size=batch_size,
-        chunk_size=chunk_size,
-        progress=progress,
-    )
-    if not leader:
+    with _exclusive(out_dir) if leader else contextlib.nullcontext():
+        if leader:
+            stats = _build_store(corpus, work, settings, split_words=split_words, skip_bad=skip_bad)
+        sync_processes("rag_jax.index.build.store")
+        store = PassageStore(work / PASSAGES_DIR)
+        embeddings = encode_passages(
+            store,
+            encoder,
+            work / EMBEDDINGS_FILE,
+            dtype=dtype,
+            batch_size=batch_size,
+            chunk_size=chunk_size,
+            progress=progress,
+        )
+        if leader:
+            backend_config = _build_backend(backend, embeddings, work, scann_config)
+            manifest = Manifest(
+                encoder_name=encoder.name,
+                encoder_sha256=encoder.weights_sha256,
+                dim=encoder.dim,
+                count=len(store),
+                dtype=dtype,
+                backend=backend,
+                corpus_sha256=store.sha256,
+                source_sha256=stats["source_sha256"],
+                source=str(corpus),
+                encoder_path=encoder_path,
+                n_skipped=stats["n_skipped"],
+                backend_config=backend_config,
+            )
+            manifest.write(work)
+            (work / _SETTINGS_FILE).unlink()
+            _publish(work, out_dir)
+            log.info("index written to %s (%d passages, %s)", out_dir, manifest.count, backend)
         sync_processes("rag_jax.index.build.done")
-        return Manifest.read(out_dir)
-    backend_config = {}
+    return Manifest.read(out_dir)
+
+
+def _build_backend(
+    backend: str, embeddings: np.ndarray, work: Path, scann_config: ScannConfig | None
+) -> dict:
+    """Builds the search structure into ``work``; returns its settings for the manifest."""
     shutil.rmtree(work / SCANN_DIR, ignore_errors=True)
-    if backend == "scann":
-        log.info("building the ScaNN searcher over %d vectors", len(store))
-        scann_index = ScannIndex.build(embeddings, scann_config)
-        scann_index.save(work / SCANN_DIR)
-        backend_config = dataclasses.asdict(scann_index.config)
-    manifest = Manifest(
-        encoder_name=encoder.name,
-        encoder_sha256=encoder.weights_sha256,
-        dim=encoder.dim,
-        count=len(store),
-        dtype=dtype,
-        backend=backend,
-        corpus_sha256=store.sha256,
-        source_sha256=stats["source_sha256"],
-        source=str(corpus),
-        encoder_path=encoder_path,
-        n_skipped=stats["n_skipped"],
-        backend_config=backend_config,
-    )
-    manifest.write(work)
-    (work / _SETTINGS_FILE).unlink()
-    _publish(work, out_dir)
-    sync_processes("rag_jax.index.build.done")
-    log.info("index written to %s (%d passages, backend %s)", out_dir, manifest.count, backend)
-    return manifest
+    if backend == "exact":
+        return {}
+    log.info("building the ScaNN searcher over %d vectors", len(embeddings))
+    scann_index = ScannIndex.build(embeddings, scann_config)
+    scann_index.save(work / SCANN_DIR)
+    return dataclasses.asdict(scann_index.config)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path):
+    """Holds ``<out>.lock`` so two builds never write the same ``<out>.partial`` at once."""
+    lock_path = out_dir.with_name(out_dir.name + ".lock")
+    with open(lock_path, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            message = f"another build of {out_dir} is running (it holds {lock_path})"
+            raise RuntimeError(message) from None
+        yield  # the lock is released when the file closes, also if the process dies
 
 
 def _build_store(

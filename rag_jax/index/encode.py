@@ -318,10 +318,10 @@ def encode_passages(
             results = [sharded_apply(ids, mask) for _, ids, mask in batches]
             for (rows, _, _), emb in zip(batches, results, strict=True):
                 out[chunk * chunk_size + rows] = np.asarray(emb)[: len(rows)].astype(dtype)
+                bar.update(len(rows))
             out.flush()  # rows reach the file before the chunk is recorded as done
             my_done.add(chunk)
             _write_json(progress_dir / f"done-{process}.json", sorted(my_done))
-            bar.update(len(token_ids))
     del out
     sync_processes("rag_jax.index.encode.finished")
     if process == 0:

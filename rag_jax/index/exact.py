@@ -158,8 +158,11 @@ class ExactIndex:
         return ExactIndex(array, N, mesh, doc_axes, chunk_size, approx_recall)
 
     def search(self, queries: jax.Array, k: int) -> SearchResult:
-        """Top-k MIPS for (B, H) queries: ids (B, k), scores (B, k), doc vectors (B, k, H)."""
-        return exact_search(self, queries, k)
+        """Top-k MIPS for (B, H) queries: ids (B, k), scores (B, k), doc vectors (B, k, H).
+
+        Compiled once per (B, k); inside an outer ``jit`` it is simply inlined.
+        """
+        return _jitted_exact_search(self, queries, k)
 
 
 def exact_search(index: ExactIndex, queries: jax.Array, k: int) -> SearchResult:
@@ -209,3 +212,6 @@ def exact_search(index: ExactIndex, queries: jax.Array, k: int) -> SearchResult:
         check_vma=False,  # the merged results are identical on every device by construction
     )(queries, index.embeddings)
     return SearchResult(ids, scores, vectors)
+
+
+_jitted_exact_search = jax.jit(exact_search, static_argnums=2)

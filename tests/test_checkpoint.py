@@ -207,6 +207,10 @@ def test_save_then_read_back(tmp_path):
     _assert_same(read_state_dict(target), weights)
     assert read_hf_config(target) == {"model_type": "bert"}
     assert (target / "a" / "b.json").read_text() == "{}"
+    assert target.stat().st_mode & 0o777 == 0o755  # not mkdtemp's private 0o700
+    target.chmod(0o750)
+    save_hf_checkpoint(target, weights, {"model_type": "bert"})
+    assert target.stat().st_mode & 0o777 == 0o750  # an overwrite keeps the permissions
     assert sorted(p.name for p in tmp_path.joinpath("deep").iterdir()) == ["ckpt"]  # no temp left
 
 

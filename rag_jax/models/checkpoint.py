@@ -262,6 +262,8 @@ def save_hf_checkpoint(
             (staging / relative_path).parent.mkdir(parents=True, exist_ok=True)
             (staging / relative_path).write_text(text)
         _copy_extra_files(target, staging)
+        # mkdtemp makes the directory private (0o700): give it the usual, or the old, permissions.
+        staging.chmod(target.stat().st_mode & 0o7777 if target.is_dir() else 0o755)
         _swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

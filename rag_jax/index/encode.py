@@ -84,6 +84,11 @@ class TextEncoder:
         """Hash of ``params`` (see :func:`weights_sha256`), computed once."""
         return weights_sha256(self.params)
 
+    @functools.cached_property
+    def jitted_apply(self) -> ApplyFn:
+        """``jax.jit(apply)``, created once so repeated calls reuse its compilations."""
+        return jax.jit(self.apply)
+
 
 def hf_tokenize_fn(tokenizer: Any, max_length: int) -> TokenizeFn:
     """Wraps a Hugging Face tokenizer as a :data:`TokenizeFn` (truncating, not padding)."""
@@ -220,7 +225,7 @@ def encode_texts(
 ) -> np.ndarray:
     """Embeds a few texts (e.g. queries) on the default device: (len(texts), H) float32."""
     token_ids = encoder.tokenize(texts, pairs)
-    apply = jax.jit(encoder.apply)
+    apply = encoder.jitted_apply
     out = np.zeros((len(texts), encoder.dim), np.float32)
     buckets = length_buckets(encoder.max_length)
     for rows, input_ids, mask in bucketed_batches(token_ids, batch_size, buckets, encoder.pad_id):
@@ -314,11 +319,7 @@ def encode_passages(
             if i + 1 < len(todo):
                 pending = pool.submit(tokenize, todo[i + 1])
             batches = bucketed_batches(token_ids, batch_size, buckets, encoder.pad_id)
-            # Dispatch every batch before fetching any, so the devices never wait on the host.
-            results = [sharded_apply(ids, mask) for _, ids, mask in batches]
-            for (rows, _, _), emb in zip(batches, results, strict=True):
-                out[chunk * chunk_size + rows] = np.asarray(emb)[: len(rows)].astype(dtype)
-                bar.update(len(rows))
+            _encode_batches(sharded_apply, batches, out, chunk * chunk_size, bar)
             out.flush()  # rows reach the file before the chunk is recorded as done
             my_done.add(chunk)
             _write_json(progress_dir / f"done-{process}.json", sorted(my_done))
@@ -327,6 +328,17 @@ def encode_passages(
     if process == 0:
         _remove_tree(progress_dir)
     return np.load(out_path, mmap_mode="r")
+
+
+def _encode_batches(
+    sharded_apply: _ShardedApply, batches: list, out: np.ndarray, offset: int, bar: tqdm
+) -> None:
+    """Encodes ``bucketed_batches`` output into rows ``offset + rows`` of ``out``."""
+    # Dispatch every batch before fetching any, so the devices never wait on the host.
+    results = [sharded_apply(input_ids, mask) for _, input_ids, mask in batches]
+    for (rows, _, _), vectors in zip(batches, results, strict=True):
+        out[offset + rows] = np.asarray(vectors)[: len(rows)].astype(out.dtype)  # (n, H)
+        bar.update(len(rows))
 
 
 def _prepare_output(

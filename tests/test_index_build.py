@@ -4,7 +4,13 @@ manifests catch mismatches, and a KnowledgeSource swaps indexes in one call."""
 import dataclasses
 import fcntl
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +19,7 @@ import pytest
 
 from rag_jax.index import (
     CorpusError,
+    CorpusReader,
     ExactIndex,
     IndexMismatchError,
     KnowledgeSource,
@@ -134,7 +141,7 @@ def test_embeddings_equal_one_passage_at_a_time_and_float16_is_a_cast(tmp_path):
 def test_encoding_sharded_over_four_devices_equals_one_device(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     write_corpus(corpus, 50)
-    store = PassageStore.write(__import__("rag_jax").index.CorpusReader(corpus), tmp_path / "s")
+    store = PassageStore.write(CorpusReader(corpus), tmp_path / "s")
     encoder = toy_encoder()
     one = encode_passages(store, encoder, tmp_path / "one.npy", devices=jax.devices()[:1], **BUILD)
     four = encode_passages(store, encoder, tmp_path / "four.npy", devices=jax.devices(), **BUILD)
@@ -213,8 +220,6 @@ def test_manifest_mismatches_are_clear_errors(two_indexes, tmp_path):
     with pytest.raises(IndexMismatchError, match=r"no manifest\.json"):
         load_index(tmp_path)
 
-    import shutil
-
     for name, tamper, message in [
         ("bad_json", lambda d: (d / "manifest.json").write_text("{"), "unreadable manifest"),
         ("bad_rows", lambda d: np.save(d / "embeddings.npy", np.zeros((3, DIM))), "shape"),
@@ -256,3 +261,56 @@ def test_knowledge_source_hot_swap(two_indexes):
         scann_view.search(query, 5).ids, np.asarray(exact_view.search(query, 5).ids)
     )
     assert Manifest.read(root / "other_encoder").backend == "scann"
+
+
+MULTI_PROCESS_WORKER = """
+import os, sys
+process_id, port, corpus, out, tests_dir = sys.argv[1:]
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=int(process_id))
+sys.path.insert(0, tests_dir)
+from test_index_build import BUILD, toy_encoder, with_tokenize
+from rag_jax.index import build_index
+encoder, chunks = toy_encoder(), []
+def tokenize(texts, pairs=None):
+    chunks.append(len(texts))
+    return encoder.tokenize(texts, pairs)
+manifest = build_index(corpus, with_tokenize(encoder, tokenize), out, backend="exact", **BUILD)
+print("chunks encoded here:", len(chunks), "count:", manifest.count, flush=True)
+"""
+
+
+def test_multi_process_build_splits_chunks_over_hosts(tmp_path):
+    """Two JAX processes (2 CPU devices each) build one index; each encodes its own chunks."""
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus, 100)  # 7 chunks of 16
+    build_index(corpus, toy_encoder(), tmp_path / "single", backend="exact", **BUILD)
+    (tmp_path / "worker.py").write_text(MULTI_PROCESS_WORKER)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [str(port), str(corpus), str(tmp_path / "multi"), str(Path(__file__).parent)]
+    workers = [
+        subprocess.Popen(
+            [sys.executable, str(tmp_path / "worker.py"), str(i), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [w.communicate(timeout=240) for w in workers]
+    assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outputs]
+    counts = [int(out.split("chunks encoded here:")[1].split()[0]) for out, _ in outputs]
+    assert sorted(counts) == [3, 4]  # 7 chunks dealt out round-robin
+    assert all("count: 100" in out for out, _ in outputs)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "multi/embeddings.npy"),
+        np.load(tmp_path / "single/embeddings.npy"),
+        rtol=1e-6,
+        atol=1e-7,
+    )

@@ -309,12 +309,16 @@ def test_gradients_under_jit_and_remat_match_torch(checkpoint):
     (logits * torch.from_numpy(probe)).sum().backward()
     torch_grads = {n: p.grad.numpy() for n, p in torch_model.named_parameters()}
 
-    def loss(model):
+    # The plain-JAX pattern (split, merge inside jax.grad) that training code may use.
+    model = load_bart(directory, remat=True)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params, rest):
+        model = nnx.merge(graphdef, params, rest)
         logits = model(jnp.asarray(input_ids), jnp.asarray(attention_mask), decoder_input_ids)
         return jnp.sum(logits * probe)
 
-    model = load_bart(directory, remat=True)
-    grads = nnx.jit(nnx.grad(loss))(model)
+    grads = jax.jit(jax.grad(loss))(params, rest)
     assert "final_logits_bias" not in nnx.to_pure_dict(grads)  # a buffer, as in torch: not trained
     nnx.update(model, grads)  # to read the gradients under Hugging Face names and layouts
     ours = hf_state_dict(model)

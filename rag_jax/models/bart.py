@@ -371,7 +371,9 @@ class _Stack(nnx.Module):
 
     def run(self, layer_call: Callable) -> Callable:
         """The layer's __call__, rematerialised in the backward pass when remat=True."""
-        return nnx.remat(layer_call) if self.remat else layer_call
+        # Tree mode (graph=False) also works when the model is nnx.merge'd inside plain
+        # jax.jit / jax.grad, where graph-mode remat fails.
+        return nnx.remat(layer_call, graph=False) if self.remat else layer_call
 
     def check_length(self, length: int) -> None:
         if length > self.max_positions:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from jax.sharding import AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from rag_jax.models import CheckpointError, partitioning
 from rag_jax.models.bart import (
@@ -357,8 +357,7 @@ def test_dropout_only_in_train_mode(checkpoint):
 
 
 def test_params_shard_over_data_fsdp_mesh(checkpoint, model):
-    # Auto axes: XLA propagates the parameter shardings through the model (GSPMD).
-    mesh = jax.make_mesh((2, 2), partitioning.MESH_AXES, axis_types=(AxisType.Auto,) * 2)
+    mesh = partitioning.make_mesh(data=2)  # (data, fsdp) = (2, 2) over conftest's 4 CPU devices
     shardings = partitioning.param_shardings(model, mesh)
     flat = {".".join(map(str, p)): v.get_value() for p, v in nnx.to_flat_state(shardings)}
     assert flat["decoder.layers.0.fc1.kernel"].spec == PartitionSpec("fsdp", None)

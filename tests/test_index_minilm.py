@@ -138,14 +138,22 @@ def test_cli_search_prints_rank_score_title_and_text(index_dir):
         assert float(lines[at + 2].split()[1]) > float(lines[at + 3].split()[1])
 
 
-def test_cli_reports_bad_corpus_lines_with_file_and_line(tmp_path):
+def test_cli_reports_bad_corpus_lines_with_file_and_line(tmp_path, capsys):
+    from rag_jax.index.__main__ import main
+
     corpus = tmp_path / "bad.jsonl"
     corpus.write_text('{"id": "a", "title": "A", "text": "fine"}\n{"id": "b", "title": "B"}\n')
-    done = run_cli(
-        "build", "--corpus", str(corpus), "--encoder", str(MODEL_DIR), "--out", str(tmp_path / "i")
-    )
-    assert done.returncode == 2
-    assert f"error: {corpus}:2: missing field(s) 'text'" in done.stderr
+    args = [
+        "build",
+        "--corpus",
+        str(corpus),
+        "--encoder",
+        str(MODEL_DIR),
+        "--out",
+        str(tmp_path / "i"),
+    ]
+    assert main(args) == 2
+    assert f"error: {corpus}:2: missing field(s) 'text'" in capsys.readouterr().err
     assert not (tmp_path / "i").exists()
 
 

@@ -17,6 +17,7 @@ from rag_jax.index.encode import encode_texts, load_text_encoder
 from rag_jax.index.manifest import IndexMismatchError, Manifest
 from rag_jax.index.scann_index import ScannConfig
 from rag_jax.index.source import KnowledgeSource
+from rag_jax.models.checkpoint import CheckpointError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,10 +52,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _build(args: argparse.Namespace) -> None:
-    encoder = load_text_encoder(args.encoder, max_length=args.max_length)
     manifest = build_index(
         args.corpus,
-        encoder,
+        lambda: load_text_encoder(args.encoder, max_length=args.max_length),
         args.out,
         backend=args.backend,
         split_words=args.split_words,
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rag_jax").setLevel(logging.INFO)
     try:
         _build(args) if args.command == "build" else _search(args)
-    except (CorpusError, IndexMismatchError, FileNotFoundError) as e:
+    except (CorpusError, IndexMismatchError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

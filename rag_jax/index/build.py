@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -33,7 +34,7 @@ _SETTINGS_FILE = "build.json"
 
 def build_index(
     corpus: str | os.PathLike,
-    encoder: TextEncoder,
+    encoder: TextEncoder | Callable[[], TextEncoder],
     out_dir: str | os.PathLike,
     *,
     backend: str = "scann",
@@ -50,7 +51,8 @@ def build_index(
 
     Args:
       corpus: JSONL or psgs_w100 TSV file (see corpus.CorpusReader).
-      encoder: the frozen document encoder.
+      encoder: the frozen document encoder, or a function loading it: then it is loaded only
+        after the corpus has been read and validated, so a bad corpus fails fast.
       out_dir: the index directory to create or replace (only once the build has succeeded).
       backend: "scann" (also writes a ScaNN searcher) or "exact" (embeddings only).
       split_words: if set, split each document into passages of this many words (DPR: 100).
@@ -80,6 +82,7 @@ def build_index(
         if leader:
             stats = _build_store(corpus, work, settings, split_words=split_words, skip_bad=skip_bad)
         sync_processes("rag_jax.index.build.store")
+        encoder = encoder if isinstance(encoder, TextEncoder) else encoder()
         store = PassageStore(work / PASSAGES_DIR)
         embeddings = encode_passages(
             store,
@@ -138,6 +141,7 @@ def _exclusive(out_dir: Path):
             message = f"another build of {out_dir} is running (it holds {lock_path})"
             raise RuntimeError(message) from None
         yield  # the lock is released when the file closes, also if the process dies
+        lock_path.unlink(missing_ok=True)  # after success only: a failed build leaves it
 
 
 def _build_store(

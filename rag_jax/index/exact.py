@@ -3,7 +3,8 @@
 ``scores = queries @ docs.T`` is never materialised whole: the corpus is scanned in chunks of
 ``chunk_size`` rows, keeping a running top-k, so memory is O(B * chunk_size) whatever N is. With the
 embeddings sharded over a mesh axis, each device searches its own rows and the per-device top-k
-lists (k each) are gathered and merged: the only cross-device traffic is B * k * n_devices scores.
+lists (k each) are gathered and merged; cross-device traffic is B * k * n_devices scores and ids
+plus one sum of the (B, k, H) returned doc vectors, never the corpus.
 
 Everything here is a pure function of arrays, so search runs inside a jitted training step with
 no host round trip; :class:`ExactIndex` is a pytree holding the (sharded) embeddings.

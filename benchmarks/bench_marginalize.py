@@ -1,9 +1,9 @@
 """rag_jax's jitted RAG losses vs transformers' PyTorch ``get_nll``: time and peak memory.
 
 Both compute value + gradient (w.r.t. logits and doc scores) of the summed loss on the same
-float32 inputs (B=8, K=5, T=32, V=50265 by default). Times are medians over repeats, all in
-this process; peak memory is measured for each case in fresh subprocesses (median of 3) as
-the rise of the resident set's high-water mark above what the inputs already occupy (MiB).
+float32 inputs (B=8, K=5, T=32, V=50265 by default). Times are medians over interleaved
+repeats, all in this process; peak memory is measured for each case in fresh subprocesses
+(median of 3) as the rise of the resident set's high-water mark above the inputs (MiB).
 
     python benchmarks/bench_marginalize.py [--label-smoothing 0.1] [--repeats 7]
 """
@@ -135,17 +135,20 @@ def main() -> None:
 
     inputs = make_inputs(args.B, args.K, args.T, args.V)
     print(f"B={args.B} K={args.K} T={args.T} V={args.V} label_smoothing={args.label_smoothing}")
-    results = {}
-    for model, impl in CASES:
-        run, _ = STEPS[impl](model, *inputs, args.label_smoothing)
+    runs = {case: STEPS[case[1]](case[0], *inputs, args.label_smoothing)[0] for case in CASES}
+    for run in runs.values():
         run()  # warm-up (and compilation, for ours)
-        times = []
-        for _ in range(args.repeats):
+    times = {case: [] for case in CASES}
+    for _ in range(args.repeats):  # interleaved, so a change in machine load hits every case
+        for case, run in runs.items():
             start = time.perf_counter()
             run()
-            times.append(time.perf_counter() - start)
+            times[case].append(time.perf_counter() - start)
+    del runs
+    results = {}
+    for model, impl in CASES:
         peaks = [peak_in_subprocess(args, model, impl) for _ in range(args.memory_repeats)]
-        results[model, impl] = (statistics.median(times), statistics.median(peaks))
+        results[model, impl] = (statistics.median(times[model, impl]), statistics.median(peaks))
 
     print("\n| loss | impl | median value+grad (s) | peak memory above inputs (MiB) |")
     print("|---|---|---:|---:|")

@@ -198,19 +198,23 @@ OURS = {RagSequenceForGeneration: mg.rag_sequence_nll, RagTokenForGeneration: mg
 
 @pytest.mark.parametrize("model_cls", [RagSequenceForGeneration, RagTokenForGeneration])
 @pytest.mark.parametrize(
-    "B,K,T,V,epsilon",
+    "B,K,T,V,epsilon,padded_doc",
     [
-        (1, 1, 2, 3, 0.0),
-        (2, 3, 5, 7, 0.0),
-        (3, 5, 6, 11, 0.1),
-        (4, 2, 9, 50, 0.25),
-        (2, 4, 3, 300, 0.05),
+        (1, 1, 2, 3, 0.0, False),
+        (2, 3, 5, 7, 0.0, False),
+        (2, 3, 5, 7, 0.0, True),
+        (3, 5, 6, 11, 0.1, False),
+        (3, 5, 6, 11, 0.1, True),
+        (4, 2, 9, 50, 0.25, False),
+        (2, 4, 3, 300, 0.05, True),
     ],
 )
-def test_reference_parity(model_cls, B, K, T, V, epsilon):
+def test_reference_parity(model_cls, B, K, T, V, epsilon, padded_doc):
     # min_len=2: the reference adds RAG-Sequence's doc prior at target position 1, which is
     # only right when that position is real (see test_sequence_prior_counts_once_...).
     logits, doc_scores, targets, target_mask = random_batch(B * 100 + T, B, K, T, V, min_len=2)
+    if padded_doc:
+        doc_scores[0, K // 2] = -np.inf  # a missing document inside the first row
     ref_loss, ref_dlogits, ref_dscores = reference_nll(
         model_cls, logits, doc_scores, targets, target_mask, epsilon
     )

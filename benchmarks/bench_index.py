@@ -119,7 +119,7 @@ def sweep(name: str, knobs: list, make_search, queries, gt, args) -> list[dict]:
         qps256, ids = timed_search(search, queries, 256, len(queries))
         rows.append(
             {
-                "setting": f"{name}={knob}",
+                "setting": f"{name}={','.join(map(str, np.atleast_1d(knob)))}",
                 "qps_b1": qps1,
                 "qps_b256": qps256,
                 "recall": recall_at_k(ids, gt),
@@ -140,17 +140,20 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
         index = ScannIndex.build(base, ScannConfig(), threads=args.threads)
         index.searcher.set_num_threads(args.threads)
         build_s, config = time.perf_counter() - start, index.config
-        leaves = sorted({max(1, round(config.num_leaves * f)) for f in args.scann_fractions})
-        leaves = sorted({*leaves, config.leaves_to_search})
+        leaves = {max(1, round(config.num_leaves * f)) for f in args.scann_fractions}
+        grid = [(n_leaves, r) for n_leaves in sorted(leaves) for r in args.scann_reorder]
+        grid.append((config.leaves_to_search, config.reorder_k))  # the defaults
 
-        def make_search(n_leaves):
-            return lambda q: index.search(q, K, leaves_to_search=n_leaves).ids
+        def make_search(setting):
+            n_leaves, reorder = setting
+            return lambda q: index.search(q, K, leaves_to_search=n_leaves, reorder_k=reorder).ids
 
-        rows = sweep("leaves", leaves, make_search, queries, gt, args)
+        rows = sweep("leaves,reorder", grid, make_search, queries, gt, args)
         label = (
             f"ScannIndex (ours): {config.num_leaves} leaves, "
             f"AH {config.dims_per_block} dims/block, "
-            f"reorder {config.reorder_k}; default leaves={config.leaves_to_search}"
+            f"spherical partitions; defaults leaves={config.leaves_to_search}, "
+            f"reorder={config.reorder_k} (last row)"
         )
     elif backend == "exact":
         from rag_jax.index.exact import ExactIndex
@@ -309,7 +312,14 @@ def main() -> None:
     parser.add_argument("--batch1-queries", type=int, default=300, help="queries timed one by one")
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--hnsw-ef", type=int, nargs="+", default=[32, 64, 128, 256, 512])
-    parser.add_argument("--scann-fractions", type=float, nargs="+", default=[0.02, 0.05, 0.1, 0.2])
+    parser.add_argument(
+        "--scann-fractions",
+        type=float,
+        nargs="+",
+        default=[0.002, 0.005, 0.01, 0.02, 0.05],
+        help="leaves searched, as fractions of the leaves",
+    )
+    parser.add_argument("--scann-reorder", type=int, nargs="+", default=[30, 100])
     parser.add_argument("--ivf-nlist", type=int)
     parser.add_argument("--pq-m", type=int)
     parser.add_argument("--ivf-refine", type=int, default=10, help="ivfpq-refine: k_factor")

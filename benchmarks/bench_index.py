@@ -137,7 +137,8 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
     if backend == "scann":
         from rag_jax.index.scann_index import ScannConfig, ScannIndex
 
-        index = ScannIndex.build(base, ScannConfig(), threads=args.threads)
+        config = ScannConfig(dims_per_block=args.scann_dims_per_block)
+        index = ScannIndex.build(base, config, threads=args.threads)
         index.searcher.set_num_threads(args.threads)
         build_s, config = time.perf_counter() - start, index.config
         leaves = {max(1, round(config.num_leaves * f)) for f in args.scann_fractions}
@@ -263,7 +264,8 @@ def report(results: list[dict], args: argparse.Namespace, base_gib: float) -> No
         f"peak memory includes the {base_gib:.2f} GiB base array\n"
     )
     for r in results:
-        print(f"- {r['backend']}: {r['label']}")
+        earlier = " (from an earlier invocation on the same data)" if r.get("earlier") else ""
+        print(f"- {r['backend']}: {r['label']}{earlier}")
     print()
     print("| backend | setting | build s | peak GiB | q/s batch 1 | q/s batch 256 | recall@10 |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -316,15 +318,19 @@ def main() -> None:
         "--scann-fractions",
         type=float,
         nargs="+",
-        default=[0.002, 0.005, 0.01, 0.02, 0.05],
+        default=[0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
         help="leaves searched, as fractions of the leaves",
     )
     parser.add_argument("--scann-reorder", type=int, nargs="+", default=[30, 100])
+    parser.add_argument("--scann-dims-per-block", type=int, default=2)
     parser.add_argument("--ivf-nlist", type=int)
     parser.add_argument("--pq-m", type=int)
     parser.add_argument("--ivf-refine", type=int, default=10, help="ivfpq-refine: k_factor")
     parser.add_argument("--ivf-nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--work", default="/tmp/bench_index")
+    parser.add_argument(
+        "--merge", action="store_true", help="report with other backends' saved results"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     name = (
@@ -341,8 +347,12 @@ def main() -> None:
     make_data(args, work)
     base = np.load(work / "base.npy", mmap_mode="r")
     args.n, args.dim = base.shape
+    backends = args.backends.split(",")
     results = []
-    for backend in args.backends.split(","):
+    if args.merge and (work / "results.json").exists():  # keep other backends' earlier numbers
+        earlier = json.loads((work / "results.json").read_text())
+        results = [{**r, "earlier": True} for r in earlier if r["backend"] not in backends]
+    for backend in backends:
         print(f"running {backend} ...", file=sys.stderr, flush=True)
         proc = subprocess.run(
             [sys.executable, __file__, *sys.argv[1:], "--worker", backend],

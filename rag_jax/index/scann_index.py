@@ -31,7 +31,8 @@ class ScannConfig:
 
     Attributes:
       num_leaves: k-means partitions (default ~sqrt(N)).
-      leaves_to_search: partitions scanned per query (default num_leaves / 20, at least 8).
+      leaves_to_search: partitions scanned per query (default num_leaves / 10, at least 20: on
+        MiniLM embeddings of 10k Wikipedia leads, 16 of 98 leaves give recall@10 0.957).
       reorder_k: candidates re-scored exactly.
       spherical: spherical k-means (unit-norm centroids) for the partitions. It groups points by
         direction, as inner products do, instead of splitting a cluster by norm as L2 k-means
@@ -57,7 +58,7 @@ class ScannConfig:
         brute_force = n < _BRUTE_FORCE_BELOW if self.brute_force is None else self.brute_force
         num_leaves = self.num_leaves or max(2, round(math.sqrt(n)))
         num_leaves = min(num_leaves, max(2, n // 10))
-        leaves_to_search = self.leaves_to_search or max(8, math.ceil(num_leaves / 20))
+        leaves_to_search = self.leaves_to_search or max(20, math.ceil(num_leaves / 10))
         return dataclasses.replace(
             self,
             num_leaves=num_leaves,

@@ -137,7 +137,10 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
     if backend == "scann":
         from rag_jax.index.scann_index import ScannConfig, ScannIndex
 
-        config = ScannConfig(dims_per_block=args.scann_dims_per_block)
+        config = ScannConfig(
+            dims_per_block=args.scann_dims_per_block,
+            quantize_centroids=args.scann_quantize_centroids,
+        )
         index = ScannIndex.build(base, config, threads=args.threads)
         index.searcher.set_num_threads(args.threads)
         build_s, config = time.perf_counter() - start, index.config
@@ -153,13 +156,14 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
         label = (
             f"ScannIndex (ours): {config.num_leaves} leaves, "
             f"AH {config.dims_per_block} dims/block, "
+            f"{'int8' if config.quantize_centroids else 'float32'} centroids, "
             f"spherical partitions; defaults leaves={config.leaves_to_search}, "
             f"reorder={config.reorder_k} (last row)"
         )
     elif backend == "exact":
         from rag_jax.index.exact import ExactIndex
 
-        index = ExactIndex.from_array(base, chunk_size=65536)
+        index = ExactIndex.from_array(base)  # default chunk_size
         index.embeddings.block_until_ready()
         build_s = time.perf_counter() - start
 
@@ -167,7 +171,7 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
             return lambda q: np.asarray(index.search(q, K).ids)
 
         args.batch1_queries = min(args.batch1_queries, 20)  # ~N * dim * 4 bytes read per query
-        rows = sweep("chunk", [65536], make_search, queries, gt, args)
+        rows = sweep("chunk", [index.chunk_size], make_search, queries, gt, args)
         label = "ExactIndex (ours): JAX matmul + lax.top_k on CPU"
     elif backend in ("hnsw", "hnsw-ip"):
         import faiss
@@ -323,6 +327,7 @@ def main() -> None:
     )
     parser.add_argument("--scann-reorder", type=int, nargs="+", default=[30, 100])
     parser.add_argument("--scann-dims-per-block", type=int, default=2)
+    parser.add_argument("--scann-quantize-centroids", action="store_true")
     parser.add_argument("--ivf-nlist", type=int)
     parser.add_argument("--pq-m", type=int)
     parser.add_argument("--ivf-refine", type=int, default=10, help="ivfpq-refine: k_factor")
@@ -347,7 +352,7 @@ def main() -> None:
     make_data(args, work)
     base = np.load(work / "base.npy", mmap_mode="r")
     args.n, args.dim = base.shape
-    backends = args.backends.split(",")
+    backends = [b for b in args.backends.split(",") if b]  # "" with --merge: only report
     results = []
     if args.merge and (work / "results.json").exists():  # keep other backends' earlier numbers
         earlier = json.loads((work / "results.json").read_text())
@@ -365,6 +370,8 @@ def main() -> None:
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         (work / "results.json").write_text(json.dumps(results, indent=1))
         report(results, args, base.nbytes / 2**30)  # after each backend: a long run shows progress
+    if not backends:
+        report(results, args, base.nbytes / 2**30)
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def load_index(
     encoder_name: str | None = None,
     dim: int | None = None,
     mesh: Mesh | None = None,
-    chunk_size: int = 65536,
+    chunk_size: int = 16384,
     approx_recall: float | None = None,
 ) -> LoadedIndex:
     """Opens an index directory, checking its manifest and files.
@@ -145,7 +145,7 @@ class KnowledgeSource:
         encoder_name: str | None = None,
         dim: int | None = None,
         mesh: Mesh | None = None,
-        chunk_size: int = 65536,
+        chunk_size: int = 16384,
         approx_recall: float | None = None,
     ):
         self._options = dict(

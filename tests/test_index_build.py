@@ -303,7 +303,11 @@ def test_multi_process_build_splits_chunks_over_hosts(tmp_path):
         )
         for i in range(2)
     ]
-    outputs = [w.communicate(timeout=240) for w in workers]
+    try:
+        outputs = [w.communicate(timeout=240) for w in workers]
+    finally:
+        for w in workers:  # never leave a hung worker behind
+            w.kill()
     assert all(w.returncode == 0 for w in workers), [err[-2000:] for _, err in outputs]
     counts = [int(out.split("chunks encoded here:")[1].split()[0]) for out, _ in outputs]
     assert sorted(counts) == [3, 4]  # 7 chunks dealt out round-robin

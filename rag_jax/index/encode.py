@@ -327,7 +327,11 @@ def encode_passages(
     sync_processes("rag_jax.index.encode.finished")
     if process == 0:
         _remove_tree(progress_dir)
-    return np.load(out_path, mmap_mode="r")
+    embeddings = np.load(out_path, mmap_mode="r")
+    # No process returns before every process holds the file open: a caller's next step
+    # (build_index publishing the directory) may move it.
+    sync_processes("rag_jax.index.encode.opened")
+    return embeddings
 
 
 def _encode_batches(

@@ -24,6 +24,8 @@ Tasks", NeurIPS 2020 (arXiv:2005.11401), section 2.1 (the two models) and 2.4 (d
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -124,13 +126,7 @@ def target_log_probs(logits: Array, targets: Array) -> Array:
       ``[..., T]`` float32 log-probabilities. Reverse-mode differentiable (``grad``,
       ``vjp``); forward-mode (``jvp``) is not defined.
     """
-    return _log_softmax_stats(logits, jnp.broadcast_to(targets, logits.shape[:-1]))[0]
-
-
-def _gather_targets(logits: Array, targets: Array) -> Array:
-    """``logits[..., targets]``: ``[..., V], [...] (broadcastable) -> [...]``."""
-    targets = jnp.broadcast_to(targets, logits.shape[:-1])
-    return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return _log_softmax_stats(logits, jnp.broadcast_to(targets, logits.shape[:-1]), False)[0]
 
 
 def _is_target(logits: Array, targets: Array) -> Array:
@@ -139,32 +135,171 @@ def _is_target(logits: Array, targets: Array) -> Array:
     return vocab_ids == targets[..., None]
 
 
+# --------------------------------------------------------------------------------------
+# Statistics over V, in cache-sized chunks on CPU
+# --------------------------------------------------------------------------------------
+# XLA's CPU code for a reduction over the minor axis evaluates exp() one element at a time
+# (~0.35 G/s on this project's development machine), while an elementwise exp() is
+# vectorised and a matrix-vector product with ones sums at BLAS speed. So on CPU the
+# statistics below are computed a cache-sized chunk at a time, summing over V with a product
+# with ones (measured 3-4x faster at B=8, K=5, T=32, V=50265). Other platforms run the same
+# function once over the whole array with plain sums, which XLA fuses.
+_CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk
+
+
+def _sum_over_vocab(x: Array, for_cpu: bool) -> Array:
+    """``Σ_v x[..., v]``, as a product with ones where that is the fast form."""
+    if not for_cpu:
+        return jnp.sum(x, axis=-1)
+    return x @ jnp.ones((x.shape[-1],), x.dtype)
+
+
+def _logsumexp_over_docs(joint: Array, for_cpu: bool) -> Array:
+    """``log Σ_k exp(joint[:, k])``: ``[b, K, t, V] -> [b, t, V]``.
+
+    On CPU as K elementwise maxima and a product with ones: XLA's CPU reduction over a
+    non-minor axis is slower still than over the minor one (measured 7x slower than this).
+    """
+    if not for_cpu:
+        return jax.nn.logsumexp(joint, axis=1)
+    n_examples, n_docs, length, vocab_size = joint.shape
+    per_doc = joint.reshape(n_examples, n_docs, length * vocab_size)
+    doc_max = functools.reduce(jnp.maximum, [per_doc[:, k] for k in range(n_docs)])
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(doc_max), doc_max, 0.0))
+    terms = jnp.exp(per_doc - shift[:, None])  # (b, K, t·V)
+    total = jnp.einsum("bkn,k->bn", terms, jnp.ones((n_docs,), terms.dtype))
+    return (jnp.log(total) + shift).reshape(n_examples, length, vocab_size)
+
+
+def _logsumexp_over_vocab(logits: Array, for_cpu: bool) -> Array:
+    """``log Σ_v exp(logits[..., v])``; ``-inf`` (not NaN) for an all ``-inf`` row."""
+    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    return jnp.log(_sum_over_vocab(jnp.exp(logits - shift), for_cpu)) + shift[..., 0]
+
+
+def _on_cpu_in_chunks(stats_fn, arrays: tuple, in_axes: tuple, out_axes: tuple, chunk: int):
+    """``stats_fn(*arrays, for_cpu=False)``, except on CPU: chunk by chunk, by matmul.
+
+    A chunk is one entry of axis 0 (of every array and output) times ``chunk`` consecutive
+    entries of the sequence axis, which is ``in_axes[i]`` of ``arrays[i]`` (``None``: it has
+    none) and ``out_axes[j]`` of output j. The last chunk of a sequence is shifted back to
+    end at its last entry rather than padded: entries it shares with the chunk before are
+    recomputed to the same values.
+    """
+
+    def chunked(*arrays):
+        n_examples, length = arrays[0].shape[0], arrays[0].shape[in_axes[0]]
+        size = max(1, min(length, chunk))
+        n_chunks = -(-length // size)
+
+        def corner(x, axis, example, start):
+            return tuple(example if d == 0 else start if d == axis else 0 for d in range(x.ndim))
+
+        def take(x, axis, example, start):
+            sizes = tuple(1 if d == 0 else size if d == axis else n for d, n in enumerate(x.shape))
+            return jax.lax.dynamic_slice(x, corner(x, axis, example, start), sizes)
+
+        def one_chunk(i, outputs):
+            example, start = i // n_chunks, jnp.minimum(i % n_chunks * size, length - size)
+            pieces = (take(x, ax, example, start) for x, ax in zip(arrays, in_axes, strict=True))
+            stats = stats_fn(*pieces, for_cpu=True)
+            return tuple(
+                jax.lax.dynamic_update_slice(out, x, corner(out, ax, example, start))
+                for out, x, ax in zip(outputs, stats, out_axes, strict=True)
+            )
+
+        zero = jnp.int32(0)
+        first = [take(x, ax, zero, zero) for x, ax in zip(arrays, in_axes, strict=True)]
+        out_shapes = jax.eval_shape(functools.partial(stats_fn, for_cpu=True), *first)
+        init = tuple(
+            jnp.zeros((n_examples, *s.shape[1:ax], length, *s.shape[ax + 1 :]), s.dtype)
+            for s, ax in zip(out_shapes, out_axes, strict=True)
+        )
+        return jax.lax.fori_loop(0, n_examples * n_chunks, one_chunk, init)
+
+    default = functools.partial(stats_fn, for_cpu=False)
+    return jax.lax.platform_dependent(*arrays, cpu=chunked, default=default)
+
+
+def _vocab_stats(logits: Array, targets: Array, with_logit_sum: bool) -> tuple:
+    """``[..., V], [...] -> (logsumexp, logits[target], Σ_v logits or None)``, float32 ``[...]``.
+
+    ``targets`` broadcasts against ``logits[..., 0]``.
+    """
+
+    def stats(rows, row_targets, for_cpu):  # [1, R, V], [1, R] -> [1, R] each
+        rows = rows.astype(jnp.float32)
+        out = (
+            _logsumexp_over_vocab(rows, for_cpu),
+            jnp.take_along_axis(rows, row_targets[..., None], axis=-1)[..., 0],
+        )
+        return (*out, _sum_over_vocab(rows, for_cpu)) if with_logit_sum else out
+
+    batch_shape, vocab_size = logits.shape[:-1], logits.shape[-1]
+    rows = logits.reshape(1, -1, vocab_size)
+    row_targets = jnp.broadcast_to(targets, batch_shape).reshape(1, -1)
+    n_out = 2 + with_logit_sum
+    chunk = _CHUNK_ELEMENTS // vocab_size
+    out = _on_cpu_in_chunks(stats, (rows, row_targets), (1, 1), (1,) * n_out, chunk)
+    out = tuple(x.reshape(batch_shape) for x in out)
+    return out if with_logit_sum else (*out, None)
+
+
+def _rag_token_vocab_stats(logits: Array, doc_lp: Array, targets: Array) -> tuple:
+    """Everything smoothed RAG-Token needs from the ``[B, K, T, V]`` logits, in one pass.
+
+    Returns float32 ``(logsumexp [B,K,T], logits[target] [B,K,T], marginal [B,T,V],
+    posterior_mass [B,K,T])``, where ``marginal = log p'(v|x,y_<t)`` is RAG-Token's marginal
+    and ``posterior_mass[k] = Σ_v p(z_k|x,y_<t,y_t=v)``, a sum over V that its gradient needs.
+    """
+
+    def stats(logits, doc_lp, targets, for_cpu):  # [b, K, t, V], [b, K], [b, t]
+        logits = logits.astype(jnp.float32)
+        log_normaliser = _logsumexp_over_vocab(logits, for_cpu)  # (b, K, t)
+        target_logits = jnp.take_along_axis(logits, targets[:, None, :, None], axis=-1)[..., 0]
+        joint = doc_lp[:, :, None, None] + logits - log_normaliser[..., None]  # (b, K, t, V)
+        marginal = _logsumexp_over_docs(joint, for_cpu)  # (b, t, V)
+        posterior = jnp.exp(joint - marginal[:, None])  # p(z_k | x, y_<t, y_t = v)
+        return log_normaliser, target_logits, marginal, _sum_over_vocab(posterior, for_cpu)
+
+    chunk = _CHUNK_ELEMENTS // (logits.shape[1] * logits.shape[-1])
+    arrays = (logits, doc_lp, targets)
+    return _on_cpu_in_chunks(stats, arrays, (2, None, 1), (2, 2, 1, 2), chunk)
+
+
 # The two functions below have hand-written VJPs for memory, not for speed: left to autodiff,
 # XLA keeps exp(logits - lse) from the forward pass as a second [..., V] buffer beside the
 # cotangent (measured: 470 MiB instead of 233 MiB at B=8, K=5, T=32, V=50265). Each returns
 # everything a loss needs from the [..., V] logits, so that the whole gradient is written
 # by one fused pass into one buffer.
-@jax.custom_vjp
-def _log_softmax_stats(logits: Array, targets: Array) -> tuple[Array, Array]:
-    """``[..., V], [...] -> (log p(target) [...], Σ_v log p(v) [...])``, p = softmax(logits)."""
-    return _log_softmax_stats_fwd(logits, targets)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _log_softmax_stats(
+    logits: Array, targets: Array, with_vocab_sum: bool
+) -> tuple[Array, Array | None]:
+    """``[..., V], [...] -> (log p(target) [...], Σ_v log p(v) [...] or None)``.
+
+    ``p = softmax(logits)``; the second output (label smoothing's term) only when
+    ``with_vocab_sum``.
+    """
+    return _log_softmax_stats_fwd(logits, targets, with_vocab_sum)[0]
 
 
-def _log_softmax_stats_fwd(logits, targets):
-    logits_f32 = logits.astype(jnp.float32)
-    log_normaliser = jax.nn.logsumexp(logits_f32, axis=-1)  # (...)
-    target_logits = _gather_targets(logits_f32, targets)
+def _log_softmax_stats_fwd(logits, targets, with_vocab_sum):
+    log_normaliser, target_logits, logit_sums = _vocab_stats(logits, targets, with_vocab_sum)
     # Σ_v log softmax(x)_v = Σ_v x_v - V·logsumexp(x): label smoothing's term.
-    vocab_sum = jnp.sum(logits_f32, axis=-1) - logits.shape[-1] * log_normaliser
+    vocab_sum = logit_sums - logits.shape[-1] * log_normaliser if with_vocab_sum else None
     return (target_logits - log_normaliser, vocab_sum), (logits, targets, log_normaliser)
 
 
-def _log_softmax_stats_bwd(residuals, cotangents):
+def _log_softmax_stats_bwd(with_vocab_sum, residuals, cotangents):
     logits, targets, log_normaliser = residuals
-    d_target, d_vocab_sum = (c[..., None] for c in cotangents)
+    d_target = cotangents[0][..., None]
     softmax = jnp.exp(logits.astype(jnp.float32) - log_normaliser[..., None])  # recomputed
     one_hot = _is_target(logits, targets).astype(jnp.float32)
-    grad = d_target * (one_hot - softmax) + d_vocab_sum * (1.0 - logits.shape[-1] * softmax)
+    grad = d_target * (one_hot - softmax)
+    if with_vocab_sum:
+        grad += cotangents[1][..., None] * (1.0 - logits.shape[-1] * softmax)
     return grad.astype(logits.dtype), None
 
 
@@ -182,22 +317,19 @@ def _rag_token_stats(logits: Array, doc_lp: Array, targets: Array) -> tuple[Arra
 
 
 def _rag_token_stats_fwd(logits, doc_lp, targets):
-    logits_f32 = logits.astype(jnp.float32)
-    log_normaliser = jax.nn.logsumexp(logits_f32, axis=-1)  # (B, K, T)
-    target_logits = _gather_targets(logits_f32, targets[:, None])  # (B, K, T)
-    joint = doc_lp[:, :, None, None] + logits_f32 - log_normaliser[..., None]  # (B, K, T, V)
-    marginal = jax.nn.logsumexp(joint, axis=1)  # (B, T, V), K times smaller than the logits
+    log_normaliser, target_logits, marginal, posterior_mass = _rag_token_vocab_stats(
+        logits, doc_lp, targets
+    )
     outputs = (target_logits - log_normaliser, jnp.sum(marginal, axis=-1))
-    return outputs, (logits, doc_lp, targets, log_normaliser, marginal)
+    return outputs, (logits, doc_lp, targets, log_normaliser, marginal, posterior_mass)
 
 
 def _rag_token_stats_bwd(residuals, cotangents):
-    logits, doc_lp, targets, log_normaliser, marginal = residuals
+    logits, doc_lp, targets, log_normaliser, marginal, posterior_mass = residuals
     d_target, d_vocab_sum = cotangents  # (B, K, T), (B, T)
     log_softmax = logits.astype(jnp.float32) - log_normaliser[..., None]  # (B, K, T, V)
     # posterior[b,k,t,v] = p(z_k | x, y_<t, y_t = v): d marginal[v] / d log p(v|z_k).
     posterior = jnp.exp(doc_lp[:, :, None, None] + log_softmax - marginal[:, None])
-    posterior_mass = jnp.sum(posterior, axis=-1)  # (B, K, T)
     softmax = jnp.exp(log_softmax)
     one_hot = _is_target(logits, targets[:, None]).astype(jnp.float32)
     grad = d_target[..., None] * (one_hot - softmax) + d_vocab_sum[:, None, :, None] * (
@@ -267,7 +399,7 @@ def rag_sequence_nll(
     """
     doc_lp = doc_log_probs(doc_scores)  # (B, K)
     targets = jnp.broadcast_to(targets[:, None, :], logits.shape[:-1])  # (B, K, T)
-    token_lp, vocab_sums = _log_softmax_stats(logits, targets)  # (B, K, T) each
+    token_lp, vocab_sums = _log_softmax_stats(logits, targets, bool(label_smoothing))  # (B, K, T)
     nll = -rag_sequence_log_likelihood(token_lp, doc_lp, target_mask)
     if not label_smoothing:
         return nll

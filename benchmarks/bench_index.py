@@ -140,6 +140,7 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
         config = ScannConfig(
             dims_per_block=args.scann_dims_per_block,
             quantize_centroids=args.scann_quantize_centroids,
+            training_sample_size=args.scann_training_sample,
         )
         index = ScannIndex.build(base, config, threads=args.threads)
         index.searcher.set_num_threads(args.threads)
@@ -326,8 +327,9 @@ def main() -> None:
         help="leaves searched, as fractions of the leaves",
     )
     parser.add_argument("--scann-reorder", type=int, nargs="+", default=[30, 100])
-    parser.add_argument("--scann-dims-per-block", type=int, default=2)
+    parser.add_argument("--scann-dims-per-block", type=int, default=4)
     parser.add_argument("--scann-quantize-centroids", action="store_true")
+    parser.add_argument("--scann-training-sample", type=int, default=100_000)
     parser.add_argument("--ivf-nlist", type=int)
     parser.add_argument("--pq-m", type=int)
     parser.add_argument("--ivf-refine", type=int, default=10, help="ivfpq-refine: k_factor")

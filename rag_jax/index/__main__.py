@@ -37,7 +37,12 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--max-length", type=int, default=512, help="token limit per passage")
     build.add_argument("--num-leaves", type=int, help="ScaNN partitions (default ~sqrt(N))")
     build.add_argument("--leaves-to-search", type=int, help="ScaNN partitions searched")
-    build.add_argument("--reorder-k", type=int, default=256, help="ScaNN exact re-scoring depth")
+    build.add_argument(
+        "--reorder-k",
+        type=int,
+        default=ScannConfig.reorder_k,
+        help="ScaNN exact re-scoring depth (default %(default)s)",
+    )
 
     search = commands.add_parser("search", help="print the top passages for queries")
     search.add_argument("--index", required=True, help="index directory")

@@ -196,6 +196,21 @@ def random_batch(seed, B, K, T, V, min_len, logit_scale=3.0):
 OURS = {RagSequenceForGeneration: mg.rag_sequence_nll, RagTokenForGeneration: mg.rag_token_nll}
 
 
+def use_code_path(path: str, small_chunk_elements: int, monkeypatch) -> None:
+    """Selects how the statistics over V are computed for the rest of a test.
+
+    "cpu": as on CPU (chunks of rows, sums by matmul), here usually a single chunk;
+    "cpu-small-chunks": the same in many chunks, the last one shifted back;
+    "fused": the plain fused reductions that GPUs and TPUs run, forced here on the CPU.
+    """
+    if path == "cpu-small-chunks":
+        monkeypatch.setattr(mg, "_CHUNK_ELEMENTS", small_chunk_elements)
+    elif path == "fused":
+        monkeypatch.setattr(
+            jax.lax, "platform_dependent", lambda *args, default, **_: default(*args)
+        )
+
+
 @pytest.mark.parametrize("model_cls", [RagSequenceForGeneration, RagTokenForGeneration])
 @pytest.mark.parametrize(
     "B,K,T,V,epsilon,padded_doc",
@@ -209,12 +224,11 @@ OURS = {RagSequenceForGeneration: mg.rag_sequence_nll, RagTokenForGeneration: mg
         (2, 4, 3, 300, 0.05, True),
     ],
 )
-@pytest.mark.parametrize("small_chunks", [False, True])
-def test_reference_parity(model_cls, B, K, T, V, epsilon, padded_doc, small_chunks, monkeypatch):
+@pytest.mark.parametrize("path", ["cpu", "cpu-small-chunks", "fused"])
+def test_reference_parity(model_cls, B, K, T, V, epsilon, padded_doc, path, monkeypatch):
     # min_len=2: the reference adds RAG-Sequence's doc prior at target position 1, which is
     # only right when that position is real (see test_sequence_prior_counts_once_...).
-    if small_chunks:  # CPU statistics over V in many chunks, the last one shifted back
-        monkeypatch.setattr(mg, "_CHUNK_ELEMENTS", (2 * K + 1) * V)
+    use_code_path(path, (2 * K + 1) * V, monkeypatch)
     logits, doc_scores, targets, target_mask = random_batch(B * 100 + T, B, K, T, V, min_len=2)
     if padded_doc:
         doc_scores[0, K // 2] = -np.inf  # a missing document inside the first row
@@ -357,10 +371,9 @@ def test_minus_inf_document_equals_removing_it(batch, epsilon):
 
 @pytest.mark.parametrize("fn", [mg.rag_sequence_nll, mg.rag_token_nll])
 @pytest.mark.parametrize("epsilon", [0.0, 0.1])
-@pytest.mark.parametrize("small_chunks", [False, True])
-def test_finite_for_bf16_and_extreme_scores(fn, epsilon, small_chunks, monkeypatch):
-    if small_chunks:
-        monkeypatch.setattr(mg, "_CHUNK_ELEMENTS", 3 * 16)
+@pytest.mark.parametrize("path", ["cpu", "cpu-small-chunks", "fused"])
+def test_finite_for_bf16_and_extreme_scores(fn, epsilon, path, monkeypatch):
+    use_code_path(path, 3 * 16, monkeypatch)
     logits, doc_scores, targets, mask = random_batch(3, 2, 4, 5, 16, min_len=1)
     doc_scores = np.array([[1e4, -1e4, 0.0, -np.inf], [-1e4, -1e4, 1e4, 1e4]])
     logits = logits * 3e3  # extreme logits too

@@ -181,42 +181,36 @@ def _logsumexp_over_vocab(logits: Array, for_cpu: bool) -> Array:
 def _on_cpu_in_chunks(stats_fn, arrays: tuple, in_axes: tuple, out_axes: tuple, chunk: int):
     """``stats_fn(*arrays, for_cpu=False)``, except on CPU: chunk by chunk, by matmul.
 
-    A chunk is one entry of axis 0 (of every array and output) times ``chunk`` consecutive
-    entries of the sequence axis, which is ``in_axes[i]`` of ``arrays[i]`` (``None``: it has
-    none) and ``out_axes[j]`` of output j. The last chunk of a sequence is shifted back to
-    end at its last entry rather than padded: entries it shares with the chunk before are
-    recomputed to the same values.
+    A chunk is ``chunk`` consecutive entries of the sequence axis, which is ``in_axes[i]``
+    of ``arrays[i]`` (``None``: it has none) and ``out_axes[j]`` of output j; every other
+    axis is taken whole, so a batch axis sharded over devices stays sharded. The last chunk
+    is shifted back to end at the last entry rather than padded: entries it shares with the
+    chunk before are recomputed to the same values.
     """
 
     def chunked(*arrays):
-        n_examples, length = arrays[0].shape[0], arrays[0].shape[in_axes[0]]
+        length = arrays[0].shape[in_axes[0]]
         size = max(1, min(length, chunk))
-        n_chunks = -(-length // size)
 
-        def corner(x, axis, example, start):
-            return tuple(example if d == 0 else start if d == axis else 0 for d in range(x.ndim))
-
-        def take(x, axis, example, start):
-            sizes = tuple(1 if d == 0 else size if d == axis else n for d, n in enumerate(x.shape))
-            return jax.lax.dynamic_slice(x, corner(x, axis, example, start), sizes)
+        def take(x, axis, start):
+            return x if axis is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
         def one_chunk(i, outputs):
-            example, start = i // n_chunks, jnp.minimum(i % n_chunks * size, length - size)
-            pieces = (take(x, ax, example, start) for x, ax in zip(arrays, in_axes, strict=True))
+            start = jnp.minimum(i * size, length - size)
+            pieces = (take(x, ax, start) for x, ax in zip(arrays, in_axes, strict=True))
             stats = stats_fn(*pieces, for_cpu=True)
             return tuple(
-                jax.lax.dynamic_update_slice(out, x, corner(out, ax, example, start))
+                jax.lax.dynamic_update_slice_in_dim(out, x, start, ax)
                 for out, x, ax in zip(outputs, stats, out_axes, strict=True)
             )
 
-        zero = jnp.int32(0)
-        first = [take(x, ax, zero, zero) for x, ax in zip(arrays, in_axes, strict=True)]
+        first = [take(x, ax, 0) for x, ax in zip(arrays, in_axes, strict=True)]
         out_shapes = jax.eval_shape(functools.partial(stats_fn, for_cpu=True), *first)
         init = tuple(
-            jnp.zeros((n_examples, *s.shape[1:ax], length, *s.shape[ax + 1 :]), s.dtype)
+            jnp.zeros((*s.shape[:ax], length, *s.shape[ax + 1 :]), s.dtype)
             for s, ax in zip(out_shapes, out_axes, strict=True)
         )
-        return jax.lax.fori_loop(0, n_examples * n_chunks, one_chunk, init)
+        return jax.lax.fori_loop(0, -(-length // size), one_chunk, init)
 
     default = functools.partial(stats_fn, for_cpu=False)
     return jax.lax.platform_dependent(*arrays, cpu=chunked, default=default)
@@ -228,7 +222,7 @@ def _vocab_stats(logits: Array, targets: Array, with_logit_sum: bool) -> tuple:
     ``targets`` broadcasts against ``logits[..., 0]``.
     """
 
-    def stats(rows, row_targets, for_cpu):  # [1, R, V], [1, R] -> [1, R] each
+    def stats(rows, row_targets, for_cpu):  # [R, V], [R] -> [R] each
         rows = rows.astype(jnp.float32)
         out = (
             _logsumexp_over_vocab(rows, for_cpu),
@@ -237,11 +231,11 @@ def _vocab_stats(logits: Array, targets: Array, with_logit_sum: bool) -> tuple:
         return (*out, _sum_over_vocab(rows, for_cpu)) if with_logit_sum else out
 
     batch_shape, vocab_size = logits.shape[:-1], logits.shape[-1]
-    rows = logits.reshape(1, -1, vocab_size)
-    row_targets = jnp.broadcast_to(targets, batch_shape).reshape(1, -1)
+    rows = logits.reshape(-1, vocab_size)
+    row_targets = jnp.broadcast_to(targets, batch_shape).reshape(-1)
     n_out = 2 + with_logit_sum
     chunk = _CHUNK_ELEMENTS // vocab_size
-    out = _on_cpu_in_chunks(stats, (rows, row_targets), (1, 1), (1,) * n_out, chunk)
+    out = _on_cpu_in_chunks(stats, (rows, row_targets), (0, 0), (0,) * n_out, chunk)
     out = tuple(x.reshape(batch_shape) for x in out)
     return out if with_logit_sum else (*out, None)
 
@@ -254,16 +248,16 @@ def _rag_token_vocab_stats(logits: Array, doc_lp: Array, targets: Array) -> tupl
     and ``posterior_mass[k] = Σ_v p(z_k|x,y_<t,y_t=v)``, a sum over V that its gradient needs.
     """
 
-    def stats(logits, doc_lp, targets, for_cpu):  # [b, K, t, V], [b, K], [b, t]
+    def stats(logits, doc_lp, targets, for_cpu):  # [B, K, t, V], [B, K], [B, t]
         logits = logits.astype(jnp.float32)
-        log_normaliser = _logsumexp_over_vocab(logits, for_cpu)  # (b, K, t)
+        log_normaliser = _logsumexp_over_vocab(logits, for_cpu)  # (B, K, t)
         target_logits = jnp.take_along_axis(logits, targets[:, None, :, None], axis=-1)[..., 0]
-        joint = doc_lp[:, :, None, None] + logits - log_normaliser[..., None]  # (b, K, t, V)
-        marginal = _logsumexp_over_docs(joint, for_cpu)  # (b, t, V)
+        joint = doc_lp[:, :, None, None] + logits - log_normaliser[..., None]  # (B, K, t, V)
+        marginal = _logsumexp_over_docs(joint, for_cpu)  # (B, t, V)
         posterior = jnp.exp(joint - marginal[:, None])  # p(z_k | x, y_<t, y_t = v)
         return log_normaliser, target_logits, marginal, _sum_over_vocab(posterior, for_cpu)
 
-    chunk = _CHUNK_ELEMENTS // (logits.shape[1] * logits.shape[-1])
+    chunk = _CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[1] * logits.shape[-1])
     arrays = (logits, doc_lp, targets)
     return _on_cpu_in_chunks(stats, arrays, (2, None, 1), (2, 2, 1, 2), chunk)
 

@@ -228,7 +228,8 @@ def use_code_path(path: str, small_chunk_elements: int, monkeypatch) -> None:
 def test_reference_parity(model_cls, B, K, T, V, epsilon, padded_doc, path, monkeypatch):
     # min_len=2: the reference adds RAG-Sequence's doc prior at target position 1, which is
     # only right when that position is real (see test_sequence_prior_counts_once_...).
-    use_code_path(path, (2 * K + 1) * V, monkeypatch)
+    # Small chunks: 2 target positions of RAG-Token, 2BK + 1 rows of V otherwise; both ragged.
+    use_code_path(path, (2 * B * K + 1) * V, monkeypatch)
     logits, doc_scores, targets, target_mask = random_batch(B * 100 + T, B, K, T, V, min_len=2)
     if padded_doc:
         doc_scores[0, K // 2] = -np.inf  # a missing document inside the first row
@@ -474,3 +475,30 @@ def test_jit_and_vmap_agree_with_eager():
         mapped = jax.vmap(one)(*args)
         np.testing.assert_allclose(jitted, eager, rtol=1e-6)
         np.testing.assert_allclose(mapped, eager, rtol=1e-6)
+
+
+@pytest.mark.parametrize("fn", [mg.rag_sequence_nll, mg.rag_token_nll])
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_batch_sharded_over_devices_stays_sharded(fn, epsilon):
+    """Batch split over 4 devices: same values and gradients, and no device gathers the logits."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    devices = jax.devices()[:4]
+    assert len(devices) == 4, "tests/conftest.py asks XLA for 4 CPU devices"
+    by_batch = NamedSharding(Mesh(np.array(devices), ("data",)), PartitionSpec("data"))
+    logits, doc_scores, targets, mask = random_batch(21, 8, 3, 5, 40, min_len=1)
+    args = [jnp.asarray(x, jnp.float32) for x in (logits, doc_scores)]
+
+    def loss(lg, sc):
+        return fn(lg, sc, targets, mask, label_smoothing=epsilon).sum()
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    sharded_args = [jax.device_put(x, by_batch) for x in args]
+    compiled = step.lower(*sharded_args).compile().as_text()
+    assert "all-gather" not in compiled and "all-to-all" not in compiled
+    value, (d_logits, d_scores) = step(*sharded_args)
+    expected_value, (expected_d_logits, expected_d_scores) = step(*args)
+    assert d_logits.sharding.is_equivalent_to(by_batch, d_logits.ndim)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    np.testing.assert_allclose(d_logits, expected_d_logits, atol=1e-6)
+    np.testing.assert_allclose(d_scores, expected_d_scores, atol=1e-6)

@@ -165,7 +165,7 @@ def _logsumexp_over_docs(joint: Array, for_cpu: bool) -> Array:
     n_examples, n_docs, length, vocab_size = joint.shape
     per_doc = joint.reshape(n_examples, n_docs, length * vocab_size)
     doc_max = functools.reduce(jnp.maximum, [per_doc[:, k] for k in range(n_docs)])
-    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(doc_max), doc_max, 0.0))
+    shift = jnp.where(jnp.isfinite(doc_max), doc_max, 0.0)
     terms = jnp.exp(per_doc - shift[:, None])  # (b, K, t·V)
     total = jnp.einsum("bkn,k->bn", terms, jnp.ones((n_docs,), terms.dtype))
     return (jnp.log(total) + shift).reshape(n_examples, length, vocab_size)
@@ -173,7 +173,7 @@ def _logsumexp_over_docs(joint: Array, for_cpu: bool) -> Array:
 
 def _logsumexp_over_vocab(logits: Array, for_cpu: bool) -> Array:
     """``log Σ_v exp(logits[..., v])``; ``-inf`` (not NaN) for an all ``-inf`` row."""
-    row_max = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
     return jnp.log(_sum_over_vocab(jnp.exp(logits - shift), for_cpu)) + shift[..., 0]
 

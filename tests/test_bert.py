@@ -277,20 +277,24 @@ def test_remat_gives_identical_outputs_and_gradients_with_dropout():
     # Training mode (dropout on): the same masks, loss and gradients with and without remat.
     @nnx.jit
     def train_loss_and_grads(encoder):
-        loss = lambda m: jnp.sum(m.embed(input_ids, mask, deterministic=False) ** 2)  # noqa: E731
+        loss = lambda m: jnp.sum(m.embed(input_ids, mask) ** 2)  # noqa: E731
         return nnx.value_and_grad(loss)(encoder)
 
+    clean_value = jnp.sum(_jit_embed(plain, input_ids, mask) ** 2)
+    plain.train()
+    remat.train()
     (value, grads), (remat_value, remat_grads) = map(train_loss_and_grads, (plain, remat))
     np.testing.assert_allclose(remat_value, value, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(remat_grads), jax.tree.leaves(grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
 
-    # Dropout is on only when deterministic=False, with a fresh mask at every call.
-    clean_value = jnp.sum(_jit_embed(plain, input_ids, mask) ** 2)
+    # Dropout is on only after train(), with a fresh mask at every call, and off after eval().
     assert bool(jnp.isfinite(value)) and abs(float(value - clean_value)) > 1e-3
     next_value, _ = train_loss_and_grads(plain)
     assert abs(float(next_value - value)) > 1e-3
+    plain.eval()
+    np.testing.assert_allclose(jnp.sum(_jit_embed(plain, input_ids, mask) ** 2), clean_value)
 
 
 # --- real pretrained weights: all-MiniLM-L6-v2 ---------------------------------------------------

@@ -158,12 +158,12 @@ class BertEmbeddings(nnx.Module):
         self.position = embed(config.max_position_embeddings, embedding_metadata=axes(None, EMBED))
         self.token_type = embed(config.type_vocab_size, embedding_metadata=axes(None, EMBED))
         self.norm = _layer_norm(config, rngs)
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
-    def __call__(self, input_ids: Array, token_type_ids: Array, *, deterministic: bool) -> Array:
+    def __call__(self, input_ids: Array, token_type_ids: Array) -> Array:
         positions = jnp.arange(input_ids.shape[1])  # (T,)
         x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
-        return self.dropout(self.norm(x), deterministic=deterministic)  # (B, T, H)
+        return self.dropout(self.norm(x))  # (B, T, H)
 
 
 def padding_mask_bias(attention_mask: Array) -> Array:
@@ -190,9 +190,11 @@ class BertSelfAttention(nnx.Module):
         self.key = _dense(config, H, H, (EMBED, HEADS), rngs)
         self.value = _dense(config, H, H, (EMBED, HEADS), rngs)
         self.out = _dense(config, H, H, (HEADS, EMBED), rngs)
-        self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
+        self.dropout = nnx.Dropout(
+            config.attention_probs_dropout_prob, deterministic=True, rngs=rngs
+        )
 
-    def __call__(self, x: Array, mask_bias: Array, *, deterministic: bool) -> Array:
+    def __call__(self, x: Array, mask_bias: Array) -> Array:
         B, T, H = x.shape
         N, D = self.n_heads, H // self.n_heads
         q = self.query(x).reshape(B, T, N, D)  # (B, T, N, D)
@@ -201,7 +203,7 @@ class BertSelfAttention(nnx.Module):
         scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(D)  # (B, N, T, T)
         # Softmax in float32 even under bfloat16 compute: the row sums need the precision.
         probs = jax.nn.softmax(scores.astype(jnp.float32) + mask_bias, axis=-1)  # (B, N, T, T)
-        probs = self.dropout(probs.astype(x.dtype), deterministic=deterministic)
+        probs = self.dropout(probs.astype(x.dtype))
         context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(B, T, H)  # (B, T, H)
         return self.out(context)  # (B, T, H)
 
@@ -217,26 +219,30 @@ class BertLayer(nnx.Module):
         self.mlp_out = _dense(config, F, H, (MLP, EMBED), rngs)
         self.mlp_norm = _layer_norm(config, rngs)
         self.activation = ACTIVATIONS[config.hidden_act]
-        self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+        self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
-    def __call__(self, x: Array, mask_bias: Array, *, deterministic: bool) -> Array:
-        h = self.attention(x, mask_bias, deterministic=deterministic)  # (B, T, H)
-        x = self.attention_norm(x + self.dropout(h, deterministic=deterministic))  # (B, T, H)
+    def __call__(self, x: Array, mask_bias: Array) -> Array:
+        h = self.attention(x, mask_bias)  # (B, T, H)
+        x = self.attention_norm(x + self.dropout(h))  # (B, T, H)
         h = self.mlp_out(self.activation(self.mlp_in(x)))  # (B, T, F) -> (B, T, H)
-        return self.mlp_norm(x + self.dropout(h, deterministic=deterministic))  # (B, T, H)
+        return self.mlp_norm(x + self.dropout(h))  # (B, T, H)
 
 
-def _apply_layer(layer: BertLayer, x: Array, mask_bias: Array, deterministic: bool) -> Array:
-    return layer(x, mask_bias, deterministic=deterministic)
+def _apply_layer(layer: BertLayer, x: Array, mask_bias: Array) -> Array:
+    return layer(x, mask_bias)
 
 
 # Keeps only the layer inputs for the backward pass. Tree mode (graph=False) also works when the
 # model is nnx.merge'd inside a plain jax.jit / jax.grad.
-_remat_layer = nnx.remat(_apply_layer, static_argnums=3, graph=False)
+_remat_layer = nnx.remat(_apply_layer, graph=False)
 
 
 class BertModel(nnx.Module):
-    """BERT: embeddings and a stack of post-LN layers; same outputs as transformers' BertModel."""
+    """BERT: embeddings and a stack of post-LN layers; same outputs as transformers' BertModel.
+
+    Dropout is off until ``model.train()`` (it then draws from the ``dropout`` stream of the
+    ``rngs`` the model was built with); ``model.eval()`` turns it off again, as for ``Bart``.
+    """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
         H = config.hidden_size
@@ -254,8 +260,6 @@ class BertModel(nnx.Module):
         input_ids: Array,
         attention_mask: Array,
         token_type_ids: Array | None = None,
-        *,
-        deterministic: bool = True,
     ) -> tuple[Array, Array]:
         """Encodes a padded batch.
 
@@ -263,7 +267,6 @@ class BertModel(nnx.Module):
           input_ids: ``[batch, seq_len]`` token ids.
           attention_mask: ``[batch, seq_len]``, 1 for tokens, 0 for padding.
           token_type_ids: ``[batch, seq_len]`` segment ids; zeros when None.
-          deterministic: False enables dropout (needs the ``dropout`` stream of ``rngs``).
 
         Returns:
           ``hidden [batch, seq_len, hidden_size]`` (last layer, compute dtype) and
@@ -274,10 +277,10 @@ class BertModel(nnx.Module):
             raise ValueError(f"seq_len {seq_len} is longer than max_position_embeddings {limit}")
         token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         mask_bias = padding_mask_bias(attention_mask)  # (B, 1, 1, T)
-        x = self.embeddings(input_ids, token_type_ids, deterministic=deterministic)  # (B, T, H)
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
         apply_layer = _remat_layer if self.config.remat else _apply_layer
         for layer in self.layers:
-            x = apply_layer(layer, x, mask_bias, deterministic)  # (B, T, H)
+            x = apply_layer(layer, x, mask_bias)  # (B, T, H)
         cls = x[:, 0]  # (B, H)
         pooled = jnp.tanh(self.pooler(cls)) if self.pooler is not None else cls  # (B, H)
         return x, pooled
@@ -340,13 +343,9 @@ class BertEncoder(nnx.Module):
         input_ids: Array,
         attention_mask: Array,
         token_type_ids: Array | None = None,
-        *,
-        deterministic: bool = True,
     ) -> Array:
         """``input_ids, attention_mask [batch, seq_len]`` -> ``[batch, output_dim]`` float32."""
-        hidden, _ = self.bert(
-            input_ids, attention_mask, token_type_ids, deterministic=deterministic
-        )
+        hidden, _ = self.bert(input_ids, attention_mask, token_type_ids)
         cls = hidden[:, 0]  # (B, H): DPR's text vector
         vectors = mean_pool(hidden, attention_mask) if self.pooling == "mean" else cls  # (B, H)
         if self.projection is not None:

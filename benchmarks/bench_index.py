@@ -13,7 +13,7 @@ Then the fastest setting of each backend reaching the target recall, and ScaNN's
 HNSW is configured as the reference RAG retriever does (DPR's DenseHNSWFlatIndexer: MIPS turned
 into L2 search by appending sqrt(max_norm^2 - |x|^2) to each vector, efConstruction 200,
 efSearch 128), except for M: the reference's M=512 does not build in reasonable time on a
-2-core machine, so ``--hnsw-m`` (default 32) is used and stated in the output.
+2-core machine, so ``--hnsw-m`` (default 16) is used and stated in the output.
 
     python benchmarks/bench_index.py --n 1000000 --dim 768          # the full run
     python benchmarks/bench_index.py --n 20000 --dim 128 --queries 300   # a quick look
@@ -141,6 +141,7 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
             dims_per_block=args.scann_dims_per_block,
             quantize_centroids=args.scann_quantize_centroids,
             training_sample_size=args.scann_training_sample,
+            ah_training_sample_size=args.scann_ah_training_sample,
         )
         index = ScannIndex.build(base, config, threads=args.threads)
         index.searcher.set_num_threads(args.threads)
@@ -302,6 +303,9 @@ def report(results: list[dict], args: argparse.Namespace, base_gib: float) -> No
 
 
 def main() -> None:
+    from rag_jax.index.scann_index import ScannConfig
+
+    defaults = ScannConfig()  # the sweep starts from the library's own settings
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -326,10 +330,13 @@ def main() -> None:
         default=[0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2],
         help="leaves searched, as fractions of the leaves",
     )
-    parser.add_argument("--scann-reorder", type=int, nargs="+", default=[30, 100])
-    parser.add_argument("--scann-dims-per-block", type=int, default=4)
+    parser.add_argument("--scann-reorder", type=int, nargs="+", default=[60, 100])
+    parser.add_argument("--scann-dims-per-block", type=int, default=defaults.dims_per_block)
     parser.add_argument("--scann-quantize-centroids", action="store_true")
-    parser.add_argument("--scann-training-sample", type=int, default=100_000)
+    parser.add_argument("--scann-training-sample", type=int, default=defaults.training_sample_size)
+    parser.add_argument(
+        "--scann-ah-training-sample", type=int, default=defaults.ah_training_sample_size
+    )
     parser.add_argument("--ivf-nlist", type=int)
     parser.add_argument("--pq-m", type=int)
     parser.add_argument("--ivf-refine", type=int, default=10, help="ivfpq-refine: k_factor")

@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=128)
     build.add_argument("--chunk-size", type=int, default=8192, help="passages per resumable step")
     build.add_argument("--max-length", type=int, default=512, help="token limit per passage")
-    build.add_argument("--num-leaves", type=int, help="ScaNN partitions (default ~sqrt(N))")
+    build.add_argument("--num-leaves", type=int, help="ScaNN partitions (default ~sqrt(N)/2)")
     build.add_argument("--leaves-to-search", type=int, help="ScaNN partitions searched")
     build.add_argument(
         "--reorder-k",

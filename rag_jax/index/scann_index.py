@@ -30,41 +30,48 @@ class ScannConfig:
     """ScaNN settings; ``None`` fields are derived from N by :meth:`resolve`.
 
     Attributes:
-      num_leaves: k-means partitions (default ~sqrt(N)).
+      num_leaves: k-means partitions (default ~sqrt(N)/2). A single query pays for scoring every
+        centroid and for hashing every point of the leaves it searches; at 1M x 768 the two
+        balance near sqrt(N)/2 (measured with 1 leaf searched and reorder 60: 250 leaves 3973
+        q/s, 500 leaves 5109, 1000 leaves 4269 at lower recall and a 1.5x longer build; see
+        BENCHMARKS.md).
       leaves_to_search: partitions scanned per query (default num_leaves / 10, at least 20: on
         MiniLM embeddings of 10k Wikipedia leads, 16 of 98 leaves give recall@10 0.957).
-      reorder_k: candidates re-scored exactly. 300 makes up for the coarser 4-dim codes: on
-        MiniLM embeddings of 10k Wikipedia leads, recall@10 0.95 at 100 and 0.97 at 200-300;
-        on our hardest synthetic data (1M x 768, norms varying 3x) 0.92 at 200, 0.97 at 300.
+      reorder_k: candidates re-scored exactly (recall@10 on 1M x 768 clustered synthetic data:
+        0.97 at 60, 0.995 at 100; on MiniLM embeddings of 10k Wikipedia leads 0.97 at 100).
       spherical: spherical k-means (unit-norm centroids) for the partitions. It groups points by
         direction, as inner products do, instead of splitting a cluster by norm as L2 k-means
         does; on our clustered benchmark data it lifts recall@10 from ~0.95 to 1.0 at equal cost.
       quantize_centroids: score queries against the partition centroids in int8 (a quarter of
-        the bytes); it did not speed up our 1M x 768 benchmark, hence off by default.
-      dims_per_block: dimensions per 4-bit AH code. ScaNN recommends 2 for recall; 4 halves the
-        codes to train, store and scan (measured at 1M x 768, recall@10 0.99: build 206 s ->
-        107 s, batch-256 search 1.6x faster, batch-1 0.87x, with reorder_k 100 -> 400; see
-        BENCHMARKS.md).
+        the bytes); slower for single queries in our measurements (169 -> 236 us with 1000
+        centroids of 768 dims), hence off by default.
+      dims_per_block: dimensions per 4-bit AH code. 2 (ScaNN's recommendation) ranks well
+        enough that reordering 60-100 candidates reaches recall 0.97-0.995 on 1M x 768, where
+        4 dims per block needed 300-400 candidates and ended up slower at equal recall.
       anisotropic_threshold: AH's anisotropic quantization threshold (ScaNN's suggested 0.2 for
         normalised data; it weighs the error parallel to a point more, which is what MIPS needs).
-      training_sample_size: points used to train the partitioner and the AH codebooks.
+      training_sample_size: points used to train the partitioner.
+      ah_training_sample_size: points used to train the AH codebooks (16 centres per block
+        need few: 30k instead of 100k halves the build at 1M x 768, 206 s -> ~95 s, with no
+        loss of recall we could measure).
       brute_force: score all points exactly (chosen automatically for tiny N).
     """
 
     num_leaves: int | None = None
     leaves_to_search: int | None = None
-    reorder_k: int = 300
+    reorder_k: int = 100
     spherical: bool = True
     quantize_centroids: bool = False
-    dims_per_block: int = 4
+    dims_per_block: int = 2
     anisotropic_threshold: float = 0.2
     training_sample_size: int = 100_000
+    ah_training_sample_size: int = 30_000
     brute_force: bool | None = None
 
     def resolve(self, n: int) -> ScannConfig:
         """Fills the N-dependent defaults."""
         brute_force = n < _BRUTE_FORCE_BELOW if self.brute_force is None else self.brute_force
-        num_leaves = self.num_leaves or max(2, round(math.sqrt(n)))
+        num_leaves = self.num_leaves or max(2, round(math.sqrt(n) / 2))
         num_leaves = min(num_leaves, max(2, n // 10))
         leaves_to_search = self.leaves_to_search or max(20, math.ceil(num_leaves / 10))
         return dataclasses.replace(
@@ -72,6 +79,7 @@ class ScannConfig:
             num_leaves=num_leaves,
             leaves_to_search=min(leaves_to_search, num_leaves),
             training_sample_size=min(self.training_sample_size, n),
+            ah_training_sample_size=min(self.ah_training_sample_size, n),
             brute_force=brute_force,
         )
 
@@ -123,7 +131,7 @@ class ScannIndex:
                 .score_ah(
                     config.dims_per_block,
                     anisotropic_quantization_threshold=config.anisotropic_threshold,
-                    training_sample_size=config.training_sample_size,
+                    training_sample_size=config.ah_training_sample_size,
                 )
                 .reorder(config.reorder_k)
             )
@@ -156,7 +164,12 @@ class ScannIndex:
             ids, scores = self.searcher.search(queries[0], k, reorder, leaves)
             ids, scores = ids[None], scores[None]
         else:
-            ids, scores = self.searcher.search_batched_parallel(queries, k, reorder, leaves)
+            # ScaNN hands each thread whole sub-batches of batch_size queries: at its default
+            # (256) a batch of 256 ran on one core (measured 4.4k -> 7.8k q/s at 1M x 768 on 2).
+            per_thread = min(256, -(-len(queries) // _available_cpus()))
+            ids, scores = self.searcher.search_batched_parallel(
+                queries, k, reorder, leaves, batch_size=per_thread
+            )
         ids, scores = _pad_to_k(np.asarray(ids), np.asarray(scores), k)
         vectors = np.asarray(self.embeddings[np.maximum(ids, 0)], np.float32)  # (B, k, H)
         if ids.min() < 0:
@@ -191,6 +204,13 @@ class ScannIndex:
                 f"have {embeddings.shape[0]} rows"
             )
         return ScannIndex(searcher, embeddings, config)
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _pad_to_k(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

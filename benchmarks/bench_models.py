@@ -6,9 +6,13 @@ alternate, so that load from other processes hits both alike; the table reports 
 
     .venv/bin/python benchmarks/bench_models.py            # BERT-base and BART-base, CPU
     .venv/bin/python benchmarks/bench_models.py --runs 3   # quicker
+    .venv/bin/python benchmarks/bench_models.py --dtype bfloat16   # both sides compute in bf16
 
 torch runs under torch.inference_mode() with torch.set_num_threads(--threads) (default 2, this
-machine's core count); JAX uses the same CPU cores through XLA.
+machine's core count); JAX uses the same CPU cores through XLA. With ``--dtype bfloat16`` ours
+keeps float32 parameters and computes in bf16 (the models' ``dtype``), and the torch model is
+cast to bf16 (``model.to(torch.bfloat16)``); the max abs diff is then against torch in float32,
+for both sides (ours / torch's).
 """
 
 import argparse
@@ -39,9 +43,15 @@ def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, 
     return np.where(mask == 1, ids, pad), mask
 
 
-def jitted(model: nnx.Module, method: str):
-    """jax.jit of model.method(*args) over the split state: no NNX graph traversal per call."""
+def jitted(model: nnx.Module, method: str, param_dtype=None):
+    """jax.jit of model.method(*args) over the split state: no NNX graph traversal per call.
+
+    ``param_dtype``: cast the floating-point parameters to it first (torch's ``model.to``).
+    """
     graphdef, state = nnx.split(model)
+    if param_dtype is not None:
+        cast = lambda x: x.astype(param_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x  # noqa: E731
+        state = jax.tree.map(cast, state)
 
     @jax.jit
     def run(state, *args):
@@ -66,12 +76,24 @@ def time_pair(ours, reference, runs: int, warmup: int, label: str):
     return statistics.median(ours_times), statistics.median(reference_times)
 
 
+def _max_diffs(ours_output, reference, run_reference, args) -> str:
+    """Max abs diff to torch in float32; in bf16 mode for ours and for torch in bf16."""
+    exact = run_reference().float().numpy()  # the model is still float32 here
+    ours_diff = np.abs(np.asarray(ours_output, np.float32) - exact).max()
+    if args.dtype == "float32":
+        return f"{ours_diff:.1e}"
+    reference.to(torch.bfloat16)
+    return f"{ours_diff:.1e} / {np.abs(run_reference().float().numpy() - exact).max():.1e}"
+
+
 def bench_bert(args, directory: str):
     config = transformers.BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, vocab 30522
     torch.manual_seed(0)
     reference = transformers.BertModel(config).eval()
     reference.save_pretrained(directory)
-    ours = jitted(load_bert_encoder(directory).bert, "__call__")
+    ours = jitted(
+        load_bert_encoder(directory, dtype=args.jax_dtype).bert, "__call__", args.param_dtype
+    )
 
     rng = np.random.default_rng(0)
     ids, mask = padded_batch(rng, args.batch, args.bert_len, config.vocab_size, config.pad_token_id)
@@ -82,7 +104,7 @@ def bench_bert(args, directory: str):
         with torch.inference_mode():
             return reference(**torch_args).last_hidden_state
 
-    max_diff = np.abs(np.asarray(ours(*jax_args)[0]) - run_reference().numpy()).max()
+    max_diff = _max_diffs(ours(*jax_args)[0], reference, run_reference, args)
     seconds = time_pair(lambda: ours(*jax_args), run_reference, args.runs, args.warmup, "BERT")
     return "BERT-base encoder", f"B={args.batch}, T={args.bert_len}", ids.size, seconds, max_diff
 
@@ -100,7 +122,7 @@ def bench_bart(args, directory: str):
     torch.manual_seed(0)
     reference = transformers.BartForConditionalGeneration(config).eval()
     reference.save_pretrained(directory)
-    ours = jitted(load_bart(directory), "__call__")
+    ours = jitted(load_bart(directory, dtype=args.jax_dtype), "__call__", args.param_dtype)
 
     rng = np.random.default_rng(1)
     V, pad = config.vocab_size, config.pad_token_id
@@ -115,7 +137,7 @@ def bench_bart(args, directory: str):
         with torch.inference_mode():
             return reference(**torch_args).logits
 
-    max_diff = np.abs(np.asarray(ours(*jax_args)) - run_reference().numpy()).max()
+    max_diff = _max_diffs(ours(*jax_args), reference, run_reference, args)
     seconds = time_pair(lambda: ours(*jax_args), run_reference, args.runs, args.warmup, "BART")
     shape = f"B={args.batch}, src={args.src_len}, tgt={args.tgt_len}"
     return "BART-base seq2seq (logits)", shape, ids.size + decoder_ids.size, seconds, max_diff
@@ -131,7 +153,12 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--only", choices=["bert", "bart"], default=None)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     args = parser.parse_args()
+    args.jax_dtype = jnp.dtype(args.dtype)
+    # In bf16 mode torch's model.to(torch.bfloat16) stores bf16 weights, so ours do too (our
+    # models keep float32 params for training; the cast happens once, outside the timing).
+    args.param_dtype = None if args.dtype == "float32" else args.jax_dtype
     torch.set_num_threads(args.threads)
 
     rows = []
@@ -144,7 +171,8 @@ def main():
     print(
         f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"eager, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
-        f"median of {args.runs} alternating runs after {args.warmup} warm-up\n"
+        f"median of {args.runs} alternating runs after {args.warmup} warm-up, "
+        f"compute dtype {args.dtype}\n"
     )
     header = "| model | batch | ours tokens/s | torch tokens/s | ours / torch | max abs diff |"
     print(header)
@@ -152,7 +180,7 @@ def main():
     for name, shape, tokens, (ours_s, torch_s), max_diff in rows:
         print(
             f"| {name} | {shape} | {tokens / ours_s:,.0f} | {tokens / torch_s:,.0f} "
-            f"| {torch_s / ours_s:.2f}x | {max_diff:.1e} |"
+            f"| {torch_s / ours_s:.2f}x | {max_diff} |"
         )
 
 

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
+from rag_jax.models import precision
 from rag_jax.models.checkpoint import (
     CheckpointError,
     assign_params,
@@ -223,6 +224,7 @@ def _dense(d_in: int, d_out: int, kernel_axes: tuple[str, str], dtype, rngs: nnx
         d_in,
         d_out,
         dtype=dtype,
+        dot_general=precision.dot_general,
         kernel_init=_INIT,
         kernel_metadata=axes(*kernel_axes),
         bias_metadata=axes(kernel_axes[1]),
@@ -263,12 +265,12 @@ def dot_product_attention(
       (B, T, n_heads, head_dim).
     """
     scale = query.shape[-1] ** -0.5
-    scores = jnp.einsum("btnd,bsnd->bnts", query, key) * scale  # (B, n, T, S)
-    # Softmax in float32 even under bf16 compute; the finite floor keeps rows that are fully
-    # masked (all-padding inputs) finite instead of NaN.
-    scores = jnp.where(mask[:, None], scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    # Scores and softmax in float32 even under bf16 compute; the finite floor keeps rows that
+    # are fully masked (all-padding inputs) finite instead of NaN.
+    scores = precision.einsum("btnd,bsnd->bnts", query, key, out_dtype=jnp.float32) * scale
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)  # (B, n, T, S)
     probs = dropout(jax.nn.softmax(scores, axis=-1)).astype(value.dtype)  # (B, n, T, S)
-    return jnp.einsum("bnts,bsnd->btnd", probs, value)  # (B, T, n, hd)
+    return precision.einsum("bnts,bsnd->btnd", probs, value)  # (B, T, n, hd)
 
 
 class Attention(nnx.Module):
@@ -517,7 +519,9 @@ class Bart(nnx.Module):
 
     def logits(self, hidden: Array) -> Array:
         """(B, T, H) -> (B, T, V) float32: the tied LM head plus final_logits_bias."""
-        return self.shared.attend(hidden).astype(jnp.float32) + self.final_logits_bias[...]
+        embedding = self.shared.embedding[...].astype(hidden.dtype)  # (V, H)
+        logits = precision.einsum("bth,vh->btv", hidden, embedding, out_dtype=jnp.float32)
+        return logits + self.final_logits_bias[...]
 
     def encode(self, input_ids: Array, attention_mask: Array) -> Array:
         """input_ids, attention_mask (N, S) -> encoder hidden states (N, S, H)."""

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rag_jax.models import precision
 from rag_jax.models.checkpoint import (
     CheckpointError,
     assign_params,
@@ -122,6 +123,7 @@ def _dense(config: BertConfig, n_in: int, n_out: int, names: tuple, rngs: nnx.Rn
         n_out,
         dtype=config.dtype,
         param_dtype=jnp.float32,
+        dot_general=precision.dot_general,
         kernel_init=init,
         kernel_metadata=axes(*names),
         bias_metadata=axes(names[1]),
@@ -200,11 +202,11 @@ class BertSelfAttention(nnx.Module):
         q = self.query(x).reshape(B, T, N, D)  # (B, T, N, D)
         k = self.key(x).reshape(B, T, N, D)  # (B, T, N, D)
         v = self.value(x).reshape(B, T, N, D)  # (B, T, N, D)
-        scores = jnp.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(D)  # (B, N, T, T)
-        # Softmax in float32 even under bfloat16 compute: the row sums need the precision.
-        probs = jax.nn.softmax(scores.astype(jnp.float32) + mask_bias, axis=-1)  # (B, N, T, T)
+        # Scores and softmax in float32 even under bfloat16 compute: the row sums need it.
+        scores = precision.einsum("bqnd,bknd->bnqk", q, k, out_dtype=jnp.float32) / np.sqrt(D)
+        probs = jax.nn.softmax(scores + mask_bias, axis=-1)  # (B, N, T, T)
         probs = self.dropout(probs.astype(x.dtype))
-        context = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(B, T, H)  # (B, T, H)
+        context = precision.einsum("bnqk,bknd->bqnd", probs, v).reshape(B, T, H)  # (B, T, H)
         return self.out(context)  # (B, T, H)
 
 

@@ -159,6 +159,9 @@ def _logsumexp_over_docs(joint: Array, for_cpu: bool) -> Array:
 
     On CPU as K elementwise maxima and a product with ones: XLA's CPU reduction over a
     non-minor axis is slower still than over the minor one (measured 7x slower than this).
+    The ones are batched over b so that the terms are already in the layout the product
+    wants; ``terms @ ones`` made XLA transpose them first (99 ms of 525 at B=8, K=5, T=32,
+    V=50265).
     """
     if not for_cpu:
         return jax.nn.logsumexp(joint, axis=1)
@@ -167,7 +170,7 @@ def _logsumexp_over_docs(joint: Array, for_cpu: bool) -> Array:
     doc_max = functools.reduce(jnp.maximum, [per_doc[:, k] for k in range(n_docs)])
     shift = jnp.where(jnp.isfinite(doc_max), doc_max, 0.0)
     terms = jnp.exp(per_doc - shift[:, None])  # (b, K, t·V)
-    total = jnp.einsum("bkn,k->bn", terms, jnp.ones((n_docs,), terms.dtype))
+    total = jnp.einsum("bk,bkn->bn", jnp.ones((n_examples, n_docs), terms.dtype), terms)
     return (jnp.log(total) + shift).reshape(n_examples, length, vocab_size)
 
 

@@ -174,12 +174,12 @@ def _logsumexp_over_docs(joint: Array, for_cpu: bool) -> Array:
     return (jnp.log(total) + shift).reshape(n_examples, length, vocab_size)
 
 
-def _logsumexp_over_vocab(logits: Array, for_cpu: bool, row_max: Array | None = None) -> Array:
+def _logsumexp_over_vocab(logits: Array, row_max: Array, for_cpu: bool) -> Array:
     """``log Σ_v exp(logits[..., v])``; ``-inf`` (not NaN) for an all ``-inf`` row.
 
-    ``row_max``: ``max_v logits[..., v]`` if already known.
+    ``row_max = max_v logits[..., v]``, taken by the caller in one pass over all rows: inside
+    the CPU chunks XLA copied each chunk before taking its maximum.
     """
-    row_max = jnp.max(logits, axis=-1) if row_max is None else row_max
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None]
     return jnp.log(_sum_over_vocab(jnp.exp(logits - shift), for_cpu)) + shift[..., 0]
 
@@ -231,7 +231,7 @@ def _vocab_stats(logits: Array, targets: Array, with_logit_sum: bool) -> tuple:
     def stats(rows, row_targets, row_max, for_cpu):  # [R, V], [R], [R] -> [R] each
         rows = rows.astype(jnp.float32)
         out = (
-            _logsumexp_over_vocab(rows, for_cpu, row_max.astype(jnp.float32)),
+            _logsumexp_over_vocab(rows, row_max.astype(jnp.float32), for_cpu),
             jnp.take_along_axis(rows, row_targets[..., None], axis=-1)[..., 0],
         )
         return (*out, _sum_over_vocab(rows, for_cpu)) if with_logit_sum else out
@@ -241,9 +241,7 @@ def _vocab_stats(logits: Array, targets: Array, with_logit_sum: bool) -> tuple:
     row_targets = jnp.broadcast_to(targets, batch_shape).reshape(-1)
     n_out = 2 + with_logit_sum
     chunk = _CHUNK_ELEMENTS // vocab_size
-    # The maxima in one pass over all rows: inside the chunks XLA copied each chunk first.
-    row_max = jnp.max(rows, axis=-1)
-    arrays = (rows, row_targets, row_max)
+    arrays = (rows, row_targets, jnp.max(rows, axis=-1))
     out = _on_cpu_in_chunks(stats, arrays, (0, 0, 0), (0,) * n_out, chunk)
     out = tuple(x.reshape(batch_shape) for x in out)
     return out if with_logit_sum else (*out, None)
@@ -259,8 +257,7 @@ def _rag_token_vocab_stats(logits: Array, doc_lp: Array, targets: Array) -> tupl
 
     def stats(logits, doc_lp, targets, row_max, for_cpu):  # [B,K,t,V], [B,K], [B,t], [B,K,t]
         logits = logits.astype(jnp.float32)
-        row_max = row_max.astype(jnp.float32)
-        log_normaliser = _logsumexp_over_vocab(logits, for_cpu, row_max)  # (B, K, t)
+        log_normaliser = _logsumexp_over_vocab(logits, row_max.astype(jnp.float32), for_cpu)
         target_logits = jnp.take_along_axis(logits, targets[:, None, :, None], axis=-1)[..., 0]
         joint = doc_lp[:, :, None, None] + logits - log_normaliser[..., None]  # (B, K, t, V)
         marginal = _logsumexp_over_docs(joint, for_cpu)  # (B, t, V)
@@ -268,7 +265,7 @@ def _rag_token_vocab_stats(logits: Array, doc_lp: Array, targets: Array) -> tupl
         return log_normaliser, target_logits, marginal, _sum_over_vocab(posterior, for_cpu)
 
     chunk = _CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[1] * logits.shape[-1])
-    arrays = (logits, doc_lp, targets, jnp.max(logits, axis=-1))  # maxima: see _vocab_stats
+    arrays = (logits, doc_lp, targets, jnp.max(logits, axis=-1))
     return _on_cpu_in_chunks(stats, arrays, (2, None, 1, 2), (2, 2, 1, 2), chunk)
 
 

@@ -1,4 +1,7 @@
-"""Under bf16 compute every matrix product of the models sums in float32."""
+"""Under bf16 compute every matrix product of the models sums in float32.
+
+(How close bf16 outputs stay to float32 is tested in test_bert.py and test_bart.py.)
+"""
 
 import re
 
@@ -58,14 +61,6 @@ def test_bf16_matmuls_accumulate_in_float32(make_forward):
     # BERT: 8 per layer (6 projections, 2 attention products) + DPR's projection; BART more.
     assert len(output_types) >= 17
     assert set(output_types) == {"float32"}, output_types
-
-
-@pytest.mark.parametrize("make_forward", [_bert_forward, _bart_forward], ids=["bert", "bart"])
-def test_bf16_forward_is_close_to_float32(make_forward):
-    f32 = np.asarray(make_forward(jnp.float32)(), np.float32)
-    bf16 = np.asarray(make_forward(jnp.bfloat16)(), np.float32)
-    assert np.isfinite(bf16).all()
-    np.testing.assert_allclose(bf16, f32, atol=0.05 * np.abs(f32).max())
 
 
 def test_float32_products_are_the_plain_ones():

@@ -328,7 +328,7 @@ def test_gradients_under_jit_and_remat_match_torch(checkpoint):
         np.testing.assert_allclose(ours[name], torch_grad, atol=TOL, rtol=1e-4, err_msg=name)
 
 
-def test_bf16_compute_is_finite_and_close(checkpoint, model):
+def test_bf16_compute_is_finite_and_close(checkpoint, model, dot_output_types):
     batch = tuple(map(jnp.asarray, padded_batch()))
     ours_bf16 = load_bart(checkpoint[0], dtype=jnp.bfloat16)
     assert ours_bf16.shared.embedding.dtype == jnp.float32  # params stay float32
@@ -340,6 +340,12 @@ def test_bf16_compute_is_finite_and_close(checkpoint, model):
     assert np.abs(logits - reference).max() < 0.05 * scale
     # Greedy choices agree almost everywhere.
     assert (logits.argmax(-1) == reference.argmax(-1)).mean() > 0.9
+    # Every product sums in float32: 8 per encoder layer, 14 per decoder layer (with the
+    # cross-attention's), plus the LM head.
+    output_types = dot_output_types(lambda: ours_bf16(*batch))
+    config = ours_bf16.config
+    assert len(output_types) == 8 * config.encoder_layers + 14 * config.decoder_layers + 1
+    assert set(output_types) == {"float32"}, output_types
 
 
 def test_dropout_only_in_train_mode(checkpoint):

@@ -238,7 +238,7 @@ def test_mean_pooling_survives_a_round_trip(torch_bert, tmp_path):
 # --- compute dtype, rematerialisation, dropout ---------------------------------------------------
 
 
-def test_bfloat16_compute_stays_close_and_finite(torch_bert):
+def test_bfloat16_compute_stays_close_and_finite(torch_bert, dot_output_types):
     _, directory = torch_bert
     input_ids, mask, token_type_ids = _batch(seed=9)
     f32 = load_bert_encoder(directory, pooling="mean")
@@ -253,6 +253,11 @@ def test_bfloat16_compute_stays_close_and_finite(torch_bert):
     assert float(cosine.min()) > 0.999
     np.testing.assert_allclose(ours, reference, atol=0.1, rtol=0)
     assert float(jnp.abs(ours - reference).max()) > 0  # bf16 really was used
+    # Every product sums in float32: 8 per layer (6 projections, 2 attention products), and
+    # the pooler (traced, though embed does not use it).
+    output_types = dot_output_types(lambda: bf16.embed(input_ids, mask))
+    assert len(output_types) == 8 * TINY["num_hidden_layers"] + 1
+    assert set(output_types) == {"float32"}, output_types
 
 
 def _functional_loss(encoder, input_ids, mask):

@@ -9,10 +9,10 @@ alternate, so that load from other processes hits both alike; the table reports 
     .venv/bin/python benchmarks/bench_models.py --dtype bfloat16   # both sides compute in bf16
 
 torch runs under torch.inference_mode() with torch.set_num_threads(--threads) (default 2, this
-machine's core count); JAX uses the same CPU cores through XLA. With ``--dtype bfloat16`` ours
-keeps float32 parameters and computes in bf16 (the models' ``dtype``), and the torch model is
-cast to bf16 (``model.to(torch.bfloat16)``); the max abs diff is then against torch in float32,
-for both sides (ours / torch's).
+machine's core count); JAX uses the same CPU cores through XLA. With ``--dtype bfloat16`` both
+sides compute in bf16 with bf16 weights: the torch model is cast (``model.to(torch.bfloat16)``),
+ours computes in bf16 (the models' ``dtype``) with its parameters cast once, outside the timing;
+the max abs diff is then against torch in float32, for both sides (ours / torch's).
 """
 
 import argparse

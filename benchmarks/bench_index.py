@@ -142,6 +142,7 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
             quantize_centroids=args.scann_quantize_centroids,
             training_sample_size=args.scann_training_sample,
             ah_training_sample_size=args.scann_ah_training_sample,
+            reorder_dtype=args.scann_reorder_dtype,
         )
         index = ScannIndex.build(base, config, threads=args.threads)
         index.searcher.set_num_threads(args.threads)
@@ -159,6 +160,7 @@ def worker(backend: str, args: argparse.Namespace, work: Path) -> dict:
             f"ScannIndex (ours): {config.num_leaves} leaves, "
             f"AH {config.dims_per_block} dims/block, "
             f"{'int8' if config.quantize_centroids else 'float32'} centroids, "
+            f"{config.reorder_dtype} re-scoring, "
             f"spherical partitions; defaults leaves={config.leaves_to_search}, "
             f"reorder={config.reorder_k} (last row)"
         )
@@ -333,6 +335,9 @@ def main() -> None:
     parser.add_argument("--scann-reorder", type=int, nargs="+", default=[60, 100])
     parser.add_argument("--scann-dims-per-block", type=int, default=defaults.dims_per_block)
     parser.add_argument("--scann-quantize-centroids", action="store_true")
+    parser.add_argument(
+        "--scann-reorder-dtype", choices=("bfloat16", "float32"), default=defaults.reorder_dtype
+    )
     parser.add_argument("--scann-training-sample", type=int, default=defaults.training_sample_size)
     parser.add_argument(
         "--scann-ah-training-sample", type=int, default=defaults.ah_training_sample_size

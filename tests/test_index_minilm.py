@@ -111,9 +111,12 @@ def index_dir(tmp_path_factory):
     done = run_cli(
         "build", "--corpus", str(root / "corpus.jsonl"), "--encoder", str(MODEL_DIR),
         "--out", str(out), "--backend", "scann", "--batch-size", "8",
+        "--reorder-k", "40", "--reorder-dtype", "float32",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert f"built {out}: 12 passages, 384-dim" in done.stdout
+    backend_config = json.loads((out / "manifest.json").read_text())["backend_config"]
+    assert (backend_config["reorder_k"], backend_config["reorder_dtype"]) == (40, "float32")
     return out
 
 

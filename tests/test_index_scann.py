@@ -55,9 +55,70 @@ def test_scores_and_doc_vectors_are_the_stored_ones(data, index):
     result = index.search(queries, 10)
     assert result.ids.dtype == np.int32 and result.ids.shape == (200, 10)
     np.testing.assert_array_equal(result.doc_vectors, docs[result.ids])
-    exact_scores = np.einsum("bh,bkh->bk", queries, docs[result.ids])
-    np.testing.assert_allclose(result.scores, exact_scores, rtol=1e-4, atol=1e-4)  # reordered
+    # ScaNN re-scores against bfloat16 copies; the scores returned are float32 inner products.
+    exact_scores = np.einsum("bh,bkh->bk", queries.astype(np.float64), docs[result.ids])
+    np.testing.assert_allclose(result.scores, exact_scores, rtol=1e-5, atol=1e-5)
     assert np.all(np.diff(result.scores, axis=1) <= 0)
+
+
+def test_reorder_dtype(tmp_path, data, index):
+    docs, queries, exact_ids = data
+    assert index.config.reorder_dtype == "bfloat16"
+    index.save(tmp_path / "bf16")
+    assets = (tmp_path / "bf16" / "scann_assets.pbtxt").read_text()  # ScaNN's list of arrays
+    assert "asset_type: BF16_DATASET_NPY" in assets and "asset_type: DATASET_NPY" not in assets
+    f32 = ScannIndex.build(docs, ScannConfig(reorder_dtype="float32"))
+    f32.save(tmp_path / "f32")
+    assets = (tmp_path / "f32" / "scann_assets.pbtxt").read_text()
+    assert "asset_type: DATASET_NPY" in assets and "BF16" not in assets
+    f32_result = f32.search(queries, 10)
+    assert _recall(f32_result.ids, exact_ids) >= 0.95
+    # bfloat16 re-scoring may swap near ties, nothing more.
+    assert _recall(index.search(queries, 10).ids, f32_result.ids) >= 0.98
+    with pytest.raises(ValueError, match="reorder_dtype must be one of"):
+        ScannConfig(reorder_dtype="int8")
+
+
+def test_results_are_ordered_by_float32_scores():
+    # Each point twice, the second copy 0.1% longer: bfloat16 re-scoring cannot tell the two
+    # apart (8 bits of mantissa), float32 can. The k found are re-sorted by exact scores.
+    base = _clustered(1100, 32, 20, seed=4)
+    docs = np.concatenate([base, base * np.float32(1.001)])
+    index = ScannIndex.build(docs)
+    queries = base[:50] + 0.01
+    config = index.config
+    scann_ids, _ = index.searcher.search_batched(queries, 10, config.reorder_k, 1)
+    result = index.search(queries, 10, leaves_to_search=1)
+    assert np.any(result.ids != scann_ids)  # the re-sort did something
+    for ours, theirs in zip(result.ids, scann_ids, strict=True):
+        assert set(ours) == set(theirs.astype(np.int32))
+    exact = np.einsum("bh,bkh->bk", queries, docs[result.ids])
+    np.testing.assert_allclose(result.scores, exact, rtol=1e-5, atol=1e-5)
+    assert np.all(np.diff(result.scores, axis=1) <= 0)
+    np.testing.assert_array_equal(result.doc_vectors, docs[result.ids])
+
+
+def test_fewer_candidates_than_k_are_padded_last():
+    # ~10 points a leaf and one leaf searched: many queries find fewer than k candidates.
+    # ScaNN's batched search pads such rows with id 0 and a NaN score; its single-query search
+    # returns them short (an empty leaf gives none at all). Both must come out as id -1,
+    # score -inf and a zero vector, after the results found.
+    docs = _clustered(2100, 16, 300, seed=3)
+    index = ScannIndex.build(docs, ScannConfig(num_leaves=300, leaves_to_search=1, reorder_k=10))
+    queries = docs[:20] + 0.01
+    batched = index.search(queries, 10)
+    singles = [index.search(query[None], 10) for query in queries]
+    pairs = [(batched, queries), *zip(singles, queries[:, None], strict=True)]
+    for result, batch_queries in pairs:
+        missing = result.ids < 0
+        assert np.all(np.isneginf(result.scores[missing]))
+        assert not np.any(result.doc_vectors[missing])
+        assert np.all(np.diff(missing.astype(int), axis=1) >= 0)
+        np.testing.assert_array_equal(result.doc_vectors[~missing], docs[result.ids[~missing]])
+        found_scores = np.einsum("bh,bkh->bk", batch_queries, result.doc_vectors)[~missing]
+        np.testing.assert_allclose(result.scores[~missing], found_scores, rtol=1e-5, atol=1e-5)
+    assert (batched.ids < 0).any()
+    assert any((single.ids < 0).any() for single in singles)
 
 
 def test_more_leaves_searched_never_hurts(data, index):

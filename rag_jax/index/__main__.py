@@ -41,7 +41,13 @@ def _parser() -> argparse.ArgumentParser:
         "--reorder-k",
         type=int,
         default=ScannConfig.reorder_k,
-        help="ScaNN exact re-scoring depth (default %(default)s)",
+        help="ScaNN re-scoring depth (default %(default)s)",
+    )
+    build.add_argument(
+        "--reorder-dtype",
+        choices=("bfloat16", "float32"),
+        default=ScannConfig.reorder_dtype,
+        help="type of ScaNN's copy of the vectors for re-scoring (default %(default)s)",
     )
 
     search = commands.add_parser("search", help="print the top passages for queries")
@@ -71,6 +77,7 @@ def _build(args: argparse.Namespace) -> None:
             num_leaves=args.num_leaves,
             leaves_to_search=args.leaves_to_search,
             reorder_k=args.reorder_k,
+            reorder_dtype=args.reorder_dtype,
         ),
         encoder_path=args.encoder,
     )

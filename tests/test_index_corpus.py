@@ -133,6 +133,8 @@ def test_passage_store_random_access(tmp_path):
     assert reopened[-1] == passages[-1]
     ids = np.array([[3, 1], [499, 0]])
     assert reopened.get(ids) == [[passages[3], passages[1]], [passages[499], passages[0]]]
+    # -1 marks a missing search result: None, not the last passage (reopened[-1] above).
+    assert reopened.get(np.array([[7, -1]])) == [[passages[7], None]]
     assert reopened.titles_and_texts(10, 13) == (
         [p.title for p in passages[10:13]],
         [p.text for p in passages[10:13]],

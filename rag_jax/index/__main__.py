@@ -107,6 +107,8 @@ def _search(args: argparse.Namespace) -> None:
         print(f"query: {query}")
         print(f"{'rank':>4}  {'score':>8}  {'title':<30}  text")
         for rank, (score, passage) in enumerate(zip(scores, hits, strict=True), start=1):
+            if passage is None:  # the index found fewer than k documents
+                break
             title = textwrap.shorten(passage.title, 30, placeholder="...")
             text = textwrap.shorten(passage.text, 80, placeholder="...")
             print(f"{rank:>4}  {float(score):8.4f}  {title:<30}  {text}")

@@ -252,10 +252,14 @@ class PassageStore:
             yield self[i]
 
     def get(self, ids: Sequence[int] | np.ndarray) -> list:
-        """Passages for an array of integer ids of any shape, as nested lists of that shape."""
+        """Passages for an array of integer ids of any shape, as nested lists of that shape.
+
+        A negative id is a missing search result (the indexes return -1 when they find fewer
+        than k documents) and gives ``None``, not the passage counted from the end.
+        """
         ids = np.asarray(ids)
         if ids.ndim == 0:
-            return self[int(ids)]
+            return None if ids < 0 else self[int(ids)]
         return [self.get(row) for row in ids]
 
     def titles_and_texts(self, start: int, stop: int) -> tuple[list[str], list[str]]:

@@ -175,8 +175,11 @@ class KnowledgeSource:
         """Top-k passages for (B, H) query vectors: ids, scores (B, k), doc_vectors (B, k, H)."""
         return self._current.index.search(queries, k)
 
-    def retrieve(self, queries: Any, k: int) -> tuple[SearchResult, list[list[Passage]]]:
-        """Search and passage lookup against the same index, even if a swap happens between."""
+    def retrieve(self, queries: Any, k: int) -> tuple[SearchResult, list[list[Passage | None]]]:
+        """Search and passage lookup against the same index, even if a swap happens between.
+
+        A slot the index could not fill (id -1, score -inf) has passage ``None``.
+        """
         current = self._current
         result = current.index.search(queries, k)
         return result, current.passages.get(np.asarray(result.ids))

@@ -1,5 +1,7 @@
 """ScannIndex: recall@10 against exact search with the default settings, doc vectors, save/load."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -71,6 +73,12 @@ def test_reorder_dtype(tmp_path, data, index):
     f32.save(tmp_path / "f32")
     assets = (tmp_path / "f32" / "scann_assets.pbtxt").read_text()
     assert "asset_type: DATASET_NPY" in assets and "BF16" not in assets
+    # A directory saved before reorder_dtype existed loads with the type its assets hold.
+    config_file = tmp_path / "f32" / "scann_index.json"
+    fields = json.loads(config_file.read_text())
+    del fields["reorder_dtype"]
+    config_file.write_text(json.dumps(fields))
+    assert ScannIndex.load(tmp_path / "f32", docs).config.reorder_dtype == "float32"
     f32_result = f32.search(queries, 10)
     assert _recall(f32_result.ids, exact_ids) >= 0.95
     # bfloat16 re-scoring may swap near ties, nothing more.

@@ -234,8 +234,13 @@ class ScannIndex:
         if (path / "scann_docids.pkl").exists():
             # ScaNN's own loader would unpickle this file; we never write it and never unpickle.
             raise ValueError(f"{path}: refusing to load a ScaNN directory holding a pickle")
-        config = ScannConfig(**json.loads((path / _CONFIG_FILE).read_text()))
-        native = scann_ops_pybind.scann_pybind.ScannNumpy(str(path), assets.read_text())
+        assets_text = assets.read_text()
+        fields = json.loads((path / _CONFIG_FILE).read_text())
+        if "reorder_dtype" not in fields:  # saved before the field existed: read ScaNN's assets
+            bf16 = "asset_type: BF16_DATASET_NPY" in assets_text
+            fields["reorder_dtype"] = "bfloat16" if bf16 else "float32"
+        config = ScannConfig(**fields)
+        native = scann_ops_pybind.scann_pybind.ScannNumpy(str(path), assets_text)
         searcher = scann_ops_pybind.ScannSearcher(native)
         if searcher.size() != embeddings.shape[0]:
             raise ValueError(

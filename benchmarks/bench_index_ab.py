@@ -7,7 +7,7 @@ round times each setting once, in turn (batch 1 over ``--batch1-queries`` querie
 256 over all), so slow spells hit all settings alike; we report the median and the best round.
 
 Uses the data files ``bench_index.py`` writes (``base.npy``, ``queries.npy``, ``gt.npy``) and
-caches both built indexes in ``--cache`` (ScaNN's own serialisation; ``faiss.write_index``),
+caches the built indexes in ``--cache`` (ScaNN's own serialisation; ``faiss.write_index``),
 since HNSW takes ~10 minutes to build at 1M x 768 on 2 cores.
 
     python benchmarks/bench_index.py --n 1000000 --dim 768 --backends ""   # data only
@@ -32,18 +32,22 @@ from bench_index import K, recall_at_k
 def load_or_build(args: argparse.Namespace, base: np.ndarray):
     import faiss
 
-    from rag_jax.index.scann_index import ScannIndex
+    from rag_jax.index.scann_index import ScannConfig, ScannIndex
 
     cache = Path(args.cache or Path(args.work) / "ab_cache")
-    scann_dir, hnsw_file = cache / "scann", cache / f"hnsw-ip-m{args.hnsw_m}.faiss"
-    if (scann_dir / "scann_index.json").exists():
-        scann = ScannIndex.load(scann_dir, base)
-    else:
-        start = time.perf_counter()
-        scann = ScannIndex.build(base, threads=args.threads)
-        print(f"ScaNN built in {time.perf_counter() - start:.0f} s", flush=True)
-        scann.save(scann_dir)
-    scann.searcher.set_num_threads(args.threads)
+    scanns = {}
+    for dtype in args.scann_reorder_dtypes:  # the library's defaults but for this field
+        scann_dir = cache / f"scann-{dtype}"
+        if (scann_dir / "scann_index.json").exists():
+            scann = ScannIndex.load(scann_dir, base)
+        else:
+            start = time.perf_counter()
+            scann = ScannIndex.build(base, ScannConfig(reorder_dtype=dtype), threads=args.threads)
+            print(f"ScaNN ({dtype}) built in {time.perf_counter() - start:.0f} s", flush=True)
+            scann.save(scann_dir)
+        scann.searcher.set_num_threads(args.threads)
+        scanns[dtype] = scann
+    hnsw_file = cache / f"hnsw-ip-m{args.hnsw_m}.faiss"
     faiss.omp_set_num_threads(args.threads)
     if hnsw_file.exists():
         hnsw = faiss.read_index(str(hnsw_file))
@@ -56,7 +60,7 @@ def load_or_build(args: argparse.Namespace, base: np.ndarray):
         cache.mkdir(parents=True, exist_ok=True)
         faiss.write_index(hnsw, str(hnsw_file) + ".tmp")
         os.replace(str(hnsw_file) + ".tmp", hnsw_file)
-    return scann, hnsw
+    return scanns, hnsw
 
 
 def main() -> None:
@@ -68,6 +72,13 @@ def main() -> None:
     parser.add_argument(
         "--scann", nargs="+", default=["1,60", "1,100"], help="LEAVES,REORDER settings"
     )
+    parser.add_argument(
+        "--scann-reorder-dtypes",
+        nargs="+",
+        choices=("bfloat16", "float32"),
+        default=["bfloat16"],
+        help="one ScannIndex per re-scoring type, all timed in the same rounds",
+    )
     parser.add_argument("--hnsw-ef", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -75,9 +86,9 @@ def main() -> None:
 
     work = Path(args.work)
     base, queries, gt = (np.load(work / f) for f in ("base.npy", "queries.npy", "gt.npy"))
-    scann, hnsw = load_or_build(args, base)
+    scanns, hnsw = load_or_build(args, base)
 
-    def scann_search(leaves: int, reorder: int):
+    def scann_search(scann, leaves: int, reorder: int):
         return lambda q: scann.search(q, K, leaves_to_search=leaves, reorder_k=reorder).ids
 
     def hnsw_search(ef: int):
@@ -88,12 +99,13 @@ def main() -> None:
         return search
 
     settings = {}
-    for s in args.scann:
-        leaves, reorder = map(int, s.split(","))
-        settings[f"ScannIndex, leaves searched {leaves}, reorder {reorder}"] = (
-            "scann",
-            scann_search(leaves, reorder),
-        )
+    for dtype, scann in scanns.items():
+        for s in args.scann:
+            leaves, reorder = map(int, s.split(","))
+            settings[f"ScannIndex ({dtype}), leaves searched {leaves}, reorder {reorder}"] = (
+                "scann",
+                scann_search(scann, leaves, reorder),
+            )
     for ef in args.hnsw_ef:
         settings[f"FAISS HNSW-IP M={args.hnsw_m}, efSearch {ef}"] = ("hnsw", hnsw_search(ef))
 

@@ -104,6 +104,16 @@ def test_results_are_ordered_by_float32_scores():
     np.testing.assert_allclose(result.scores, exact, rtol=1e-5, atol=1e-5)
     assert np.all(np.diff(result.scores, axis=1) <= 0)
     np.testing.assert_array_equal(result.doc_vectors, docs[result.ids])
+    # The single-query path re-sorts too, and agrees with the batched one.
+    resorted = 0
+    for query, batched_ids in zip(queries, result.ids, strict=True):
+        single = index.search(query[None], 10, leaves_to_search=1)
+        np.testing.assert_array_equal(single.ids[0], batched_ids)
+        np.testing.assert_array_equal(single.doc_vectors[0], docs[batched_ids])
+        assert np.all(np.diff(single.scores[0]) <= 0)
+        scann_single, _ = index.searcher.search(query, 10, config.reorder_k, 1)
+        resorted += np.any(single.ids[0] != scann_single.astype(np.int32))
+    assert resorted > 0
 
 
 def test_fewer_candidates_than_k_are_padded_last():

@@ -186,19 +186,22 @@ class ScannIndex:
         reorder = max(k, reorder_k or self.config.reorder_k)
         if self.config.brute_force:
             leaves, reorder = -1, -1  # ScaNN's "use the searcher's own setting"
-        if len(queries) == 1:  # the single-query call skips the batch machinery: ~1.3x q/s
-            ids = self.searcher.search(queries[0], k, reorder, leaves)[0][None]
-        else:
-            # ScaNN hands each thread whole sub-batches of batch_size queries: at its default
-            # (256) a batch of 256 ran on one core (measured 4.4k -> 7.8k q/s at 1M x 768 on 2).
-            per_thread = min(256, -(-len(queries) // _available_cpus()))
-            ids, scann_scores = self.searcher.search_batched_parallel(
-                queries, k, reorder, leaves, batch_size=per_thread
-            )
-            # Batched search pads short rows with id 0 and a NaN score; mark those missing.
-            ids = np.where(np.isnan(scann_scores), -1, ids.astype(np.int64))
+        if len(queries) == 1:
+            # The single-query call skips ScaNN's batch machinery (~1.3x q/s), and our
+            # post-processing stays 1-D: at 1M x 768 a query takes ~300 us, and the 2-D path's
+            # extra NumPy calls cost ~60 us of it.
+            ids, _ = self.searcher.search(queries[0], k, reorder, leaves)
+            return self._rescore_one(ids.astype(np.intp), queries[0], k)
+        # ScaNN hands each thread whole sub-batches of batch_size queries: at its default (256)
+        # a batch of 256 ran on one core (measured 4.4k -> 7.8k q/s at 1M x 768 on 2).
+        per_thread = min(256, -(-len(queries) // _available_cpus()))
+        ids, scann_scores = self.searcher.search_batched_parallel(
+            queries, k, reorder, leaves, batch_size=per_thread
+        )
+        # Batched search pads short rows with id 0 and a NaN score; mark those missing.
+        ids = np.where(np.isnan(scann_scores), -1, ids.astype(np.int64))
         ids = _pad_to_k(np.asarray(ids), k)
-        vectors = np.asarray(self.embeddings[np.maximum(ids, 0)], np.float32)  # (B, k, H)
+        vectors = np.asarray(np.take(self.embeddings, np.maximum(ids, 0), axis=0), np.float32)
         # ScaNN's scores come from its (bfloat16) copy; the returned ones are exact float32.
         scores = np.matmul(vectors, queries[:, :, None])[..., 0]  # (B, k)
         if ids.min() < 0:
@@ -214,6 +217,20 @@ class ScannIndex:
             ids[rows], scores[rows] = ids[rows[:, None], cols], scores[rows[:, None], cols]
             vectors[rows] = vectors[rows[:, None], cols]
         return SearchResult(ids, scores, vectors)
+
+    def _rescore_one(self, ids: np.ndarray, query: np.ndarray, k: int) -> SearchResult:
+        """The single-query case of :meth:`search`'s re-scoring, ids (n <= k,) found by ScaNN."""
+        vectors = np.asarray(np.take(self.embeddings, ids, axis=0), np.float32)  # (n, H)
+        scores = vectors @ query  # exact float32, as in the batched path
+        if len(ids) > 1 and (scores[1:] > scores[:-1]).any():  # a near tie swapped by bfloat16
+            order = np.argsort(-scores, kind="stable")
+            ids, scores, vectors = ids[order], scores[order], vectors[order]
+        if len(ids) < k:  # ScaNN found fewer than k candidates
+            missing = k - len(ids)
+            ids = np.pad(ids, (0, missing), constant_values=-1)
+            scores = np.pad(scores, (0, missing), constant_values=-np.inf)
+            vectors = np.pad(vectors, ((0, missing), (0, 0)))
+        return SearchResult(ids.astype(np.int32)[None], scores[None], vectors[None])
 
     def save(self, path: str | os.PathLike) -> None:
         """Serialises the searcher into directory ``path`` (embeddings are stored by the caller)."""

@@ -18,6 +18,7 @@ since HNSW takes ~10 minutes to build at 1M x 768 on 2 cores.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -79,7 +80,16 @@ def main() -> None:
         default=["bfloat16"],
         help="one ScannIndex per re-scoring type, all timed in the same rounds",
     )
-    parser.add_argument("--hnsw-ef", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--hnsw-ef", type=int, nargs="+", default=[24, 32, 48, 64, 96, 128])
+    parser.add_argument(
+        "--hnsw-vectors",
+        action="store_true",
+        help="also time HNSW followed by the gather of the k vectors that RAG needs",
+    )
+    parser.add_argument(
+        "--bare", action="store_true", help="also time ScaNN's searcher without our wrapper"
+    )
+    parser.add_argument("--plot", help="write recall against q/s to this PNG (matplotlib)")
     parser.add_argument("--hnsw-m", type=int, default=16)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
@@ -91,10 +101,25 @@ def main() -> None:
     def scann_search(scann, leaves: int, reorder: int):
         return lambda q: scann.search(q, K, leaves_to_search=leaves, reorder_k=reorder).ids
 
-    def hnsw_search(ef: int):
+    def scann_bare(scann, leaves: int, reorder: int):
+        # ScaNN's own searcher, as our search calls it, without the vector gather and re-scoring.
+        def search(q):
+            if len(q) == 1:
+                return scann.searcher.search(q[0], K, reorder, leaves)[0][None]
+            per_thread = -(-len(q) // args.threads)
+            return scann.searcher.search_batched_parallel(
+                q, K, reorder, leaves, batch_size=per_thread
+            )[0]
+
+        return search
+
+    def hnsw_search(ef: int, vectors: bool):
         def search(q):
             hnsw.hnsw.efSearch = ef
-            return hnsw.search(q, K)[1]
+            ids = hnsw.search(q, K)[1]
+            if vectors:  # what RAG needs besides the ids, as ScannIndex.search returns
+                np.take(base, np.maximum(ids, 0), axis=0)
+            return ids
 
         return search
 
@@ -102,12 +127,15 @@ def main() -> None:
     for dtype, scann in scanns.items():
         for s in args.scann:
             leaves, reorder = map(int, s.split(","))
-            settings[f"ScannIndex ({dtype}), leaves searched {leaves}, reorder {reorder}"] = (
-                "scann",
-                scann_search(scann, leaves, reorder),
-            )
+            name = f"ScannIndex ({dtype}), leaves searched {leaves}, reorder {reorder}"
+            settings[name] = ("scann", scann_search(scann, leaves, reorder))
+            if args.bare:
+                settings[f"{name}, bare searcher"] = ("bare", scann_bare(scann, leaves, reorder))
     for ef in args.hnsw_ef:
-        settings[f"FAISS HNSW-IP M={args.hnsw_m}, efSearch {ef}"] = ("hnsw", hnsw_search(ef))
+        name = f"FAISS HNSW-IP M={args.hnsw_m}, efSearch {ef}"
+        settings[name] = ("hnsw", hnsw_search(ef, vectors=False))
+        if args.hnsw_vectors:
+            settings[f"{name} + vectors"] = ("hnsw+vectors", hnsw_search(ef, vectors=True))
 
     recall = {}
     for name, (_, search) in settings.items():
@@ -135,22 +163,78 @@ def main() -> None:
     median = {}
     for name in settings:
         b1, b256 = timings[name]
-        median[name] = (np.median(b1), np.median(b256))
+        median[name] = np.array([np.median(b1), np.median(b256)])
         print(
             f"| {name} | {recall[name]:.3f} | {np.median(b1):.0f} ({max(b1):.0f}) | "
             f"{np.median(b256):.0f} ({max(b256):.0f}) |"
         )
-    print("\nScaNN / HNSW (medians), against each HNSW setting at most 0.002 above in recall:")
+    curves = {
+        kind: sorted(
+            ((recall[name], median[name]) for name, (k, _) in settings.items() if k == kind),
+            key=lambda point: point[0],
+        )
+        for kind in ("hnsw", "hnsw+vectors")
+    }
+    print("\nAt equal recall: each ScaNN setting's median q/s over HNSW's, interpolated linearly")
+    print("in recall between the two efSearch settings around it (medians):\n")
+    print("| ScaNN setting | recall@10 | against | batch 1 | batch 256 |")
+    print("|---|---:|---|---:|---:|")
     for name, (kind, _) in settings.items():
-        if kind != "scann":
+        if kind not in ("scann", "bare"):
             continue
-        for other, (other_kind, _) in settings.items():
-            if other_kind == "hnsw" and recall[other] <= recall[name] + 0.002:
-                ratios = np.array(median[name]) / np.array(median[other])
-                print(
-                    f"  {name} ({recall[name]:.3f}) / efSearch {other.split()[-1]} "
-                    f"({recall[other]:.3f}): batch 1 {ratios[0]:.2f}x, batch 256 {ratios[1]:.2f}x"
-                )
+        for other in curves:
+            qps = qps_at_recall(curves[other], recall[name])
+            if qps is None:
+                continue
+            ratio = median[name] / qps
+            print(f"| {name} | {recall[name]:.3f} | {other} | {ratio[0]:.2f}x | {ratio[1]:.2f}x |")
+    if args.plot:
+        plot(args.plot, settings, recall, median, f"{n:,} x {dim}, k={K}")
+
+
+def qps_at_recall(curve: list[tuple[float, np.ndarray]], target: float) -> np.ndarray | None:
+    """Linear interpolation in recall of (recall, q/s) points; None outside their range."""
+    for (r_lo, q_lo), (r_hi, q_hi) in itertools.pairwise(curve):
+        if r_lo <= target <= r_hi:
+            weight = 0.0 if r_hi == r_lo else (target - r_lo) / (r_hi - r_lo)
+            return q_lo + weight * (q_hi - q_lo)
+    return None
+
+
+def plot(path: str, settings: dict, recall: dict, median: dict, title: str) -> None:
+    """Recall@10 against q/s, one panel per batch size, one line per kind of setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = {
+        "scann": "ScannIndex.search (ours, with vectors)",
+        "bare": "ScaNN searcher alone (ids only)",
+        "hnsw": "FAISS HNSW-IP (ids only)",
+        "hnsw+vectors": "FAISS HNSW-IP + vector gather",
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for column, batch in enumerate((1, 256)):
+        axis = axes[column]
+        for kind, label in labels.items():
+            points = sorted(
+                (recall[name], median[name][column])
+                for name, (k, _) in settings.items()
+                if k == kind
+            )
+            if points:
+                r, q = zip(*points, strict=True)
+                axis.plot(q, r, "o-" if kind != "bare" else "o--", label=label)
+        axis.set_xscale("log")
+        axis.set_xlabel(f"queries/s, batch {batch} (median)")
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("recall@10")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"\nplot written to {path}")
 
 
 if __name__ == "__main__":

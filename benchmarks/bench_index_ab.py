@@ -48,20 +48,23 @@ def load_or_build(args: argparse.Namespace, base: np.ndarray):
             scann.save(scann_dir)
         scann.searcher.set_num_threads(args.threads)
         scanns[dtype] = scann
-    hnsw_file = cache / f"hnsw-ip-m{args.hnsw_m}.faiss"
     faiss.omp_set_num_threads(args.threads)
-    if hnsw_file.exists():
-        hnsw = faiss.read_index(str(hnsw_file))
-    else:
-        hnsw = faiss.IndexHNSWFlat(base.shape[1], args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    hnsws = {}
+    for m in args.hnsw_m:
+        hnsw_file = cache / f"hnsw-ip-m{m}.faiss"
+        if hnsw_file.exists():
+            hnsws[m] = faiss.read_index(str(hnsw_file))
+            continue
+        hnsw = faiss.IndexHNSWFlat(base.shape[1], m, faiss.METRIC_INNER_PRODUCT)
         hnsw.hnsw.efConstruction = 200
         start = time.perf_counter()
         hnsw.add(base)
-        print(f"HNSW built in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"HNSW M={m} built in {time.perf_counter() - start:.0f} s", flush=True)
         cache.mkdir(parents=True, exist_ok=True)
         faiss.write_index(hnsw, str(hnsw_file) + ".tmp")
         os.replace(str(hnsw_file) + ".tmp", hnsw_file)
-    return scanns, hnsw
+        hnsws[m] = hnsw
+    return scanns, hnsws
 
 
 def main() -> None:
@@ -90,13 +93,15 @@ def main() -> None:
         "--bare", action="store_true", help="also time ScaNN's searcher without our wrapper"
     )
     parser.add_argument("--plot", help="write recall against q/s to this PNG (matplotlib)")
-    parser.add_argument("--hnsw-m", type=int, default=16)
+    parser.add_argument(
+        "--hnsw-m", type=int, nargs="+", default=[16], help="one HNSW index per M (links a node)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
     work = Path(args.work)
     base, queries, gt = (np.load(work / f) for f in ("base.npy", "queries.npy", "gt.npy"))
-    scanns, hnsw = load_or_build(args, base)
+    scanns, hnsws = load_or_build(args, base)
 
     def scann_search(scann, leaves: int, reorder: int):
         return lambda q: scann.search(q, K, leaves_to_search=leaves, reorder_k=reorder).ids
@@ -113,7 +118,7 @@ def main() -> None:
 
         return search
 
-    def hnsw_search(ef: int, vectors: bool):
+    def hnsw_search(hnsw, ef: int, vectors: bool):
         def search(q):
             hnsw.hnsw.efSearch = ef
             ids = hnsw.search(q, K)[1]
@@ -128,14 +133,18 @@ def main() -> None:
         for s in args.scann:
             leaves, reorder = map(int, s.split(","))
             name = f"ScannIndex ({dtype}), leaves searched {leaves}, reorder {reorder}"
-            settings[name] = ("scann", scann_search(scann, leaves, reorder))
+            kind = "ScannIndex.search, ids + vectors" + (f" ({dtype})" if len(scanns) > 1 else "")
+            settings[name] = (kind, scann_search(scann, leaves, reorder))
             if args.bare:
-                settings[f"{name}, bare searcher"] = ("bare", scann_bare(scann, leaves, reorder))
-    for ef in args.hnsw_ef:
-        name = f"FAISS HNSW-IP M={args.hnsw_m}, efSearch {ef}"
-        settings[name] = ("hnsw", hnsw_search(ef, vectors=False))
-        if args.hnsw_vectors:
-            settings[f"{name} + vectors"] = ("hnsw+vectors", hnsw_search(ef, vectors=True))
+                kind = "ScaNN searcher alone, ids only" + (f" ({dtype})" if len(scanns) > 1 else "")
+                settings[f"{name}, bare searcher"] = (kind, scann_bare(scann, leaves, reorder))
+    for m, hnsw in hnsws.items():
+        for ef in args.hnsw_ef:
+            name = f"FAISS HNSW-IP M={m}, efSearch {ef}"
+            settings[name] = (f"FAISS HNSW-IP M={m}, ids only", hnsw_search(hnsw, ef, False))
+            if args.hnsw_vectors:
+                kind = f"FAISS HNSW-IP M={m} + vector gather"
+                settings[f"{name} + vectors"] = (kind, hnsw_search(hnsw, ef, vectors=True))
 
     recall = {}
     for name, (_, search) in settings.items():
@@ -173,14 +182,14 @@ def main() -> None:
             ((recall[name], median[name]) for name, (k, _) in settings.items() if k == kind),
             key=lambda point: point[0],
         )
-        for kind in ("hnsw", "hnsw+vectors")
+        for kind in dict.fromkeys(k for k, _ in settings.values() if k.startswith("FAISS"))
     }
     print("\nAt equal recall: each ScaNN setting's median q/s over HNSW's, interpolated linearly")
     print("in recall between the two efSearch settings around it (medians):\n")
     print("| ScaNN setting | recall@10 | against | batch 1 | batch 256 |")
     print("|---|---:|---|---:|---:|")
     for name, (kind, _) in settings.items():
-        if kind not in ("scann", "bare"):
+        if kind.startswith("FAISS"):
             continue
         for other in curves:
             qps = qps_at_recall(curves[other], recall[name])
@@ -208,24 +217,17 @@ def plot(path: str, settings: dict, recall: dict, median: dict, title: str) -> N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = {
-        "scann": "ScannIndex.search (ours, with vectors)",
-        "bare": "ScaNN searcher alone (ids only)",
-        "hnsw": "FAISS HNSW-IP (ids only)",
-        "hnsw+vectors": "FAISS HNSW-IP + vector gather",
-    }
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for column, batch in enumerate((1, 256)):
         axis = axes[column]
-        for kind, label in labels.items():
+        for kind in dict.fromkeys(k for k, _ in settings.values()):
             points = sorted(
                 (recall[name], median[name][column])
                 for name, (k, _) in settings.items()
                 if k == kind
             )
-            if points:
-                r, q = zip(*points, strict=True)
-                axis.plot(q, r, "o-" if kind != "bare" else "o--", label=label)
+            r, q = zip(*points, strict=True)
+            axis.plot(q, r, "o--" if "alone" in kind else "o-", label=kind)
         axis.set_xscale("log")
         axis.set_xlabel(f"queries/s, batch {batch} (median)")
         axis.grid(True, which="both", alpha=0.3)

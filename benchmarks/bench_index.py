@@ -13,7 +13,9 @@ Then the fastest setting of each backend reaching the target recall, and ScaNN's
 HNSW is configured as the reference RAG retriever does (DPR's DenseHNSWFlatIndexer: MIPS turned
 into L2 search by appending sqrt(max_norm^2 - |x|^2) to each vector, efConstruction 200,
 efSearch 128), except for M: the reference's M=512 does not build in reasonable time on a
-2-core machine, so ``--hnsw-m`` (default 16) is used and stated in the output.
+2-core machine (at 1M x 768, the first 50k points took 116 s, the next 50k over 260 s, and on
+slowing; M=16, 32 and 64 take 581, 853 and 937 s), so ``--hnsw-m`` (default 16) is used and
+stated in the output. ``bench_index_ab.py`` compares against several M at equal recall.
 
     python benchmarks/bench_index.py --n 1000000 --dim 768          # the full run
     python benchmarks/bench_index.py --n 20000 --dim 128 --queries 300   # a quick look

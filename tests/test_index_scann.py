@@ -104,15 +104,20 @@ def test_results_are_ordered_by_float32_scores():
     np.testing.assert_allclose(result.scores, exact, rtol=1e-5, atol=1e-5)
     assert np.all(np.diff(result.scores, axis=1) <= 0)
     np.testing.assert_array_equal(result.doc_vectors, docs[result.ids])
-    # The single-query path re-sorts too, and agrees with the batched one.
+    # The single-query path (its own ScaNN call) re-sorts too. It is checked against ScaNN's
+    # single-query search, not the batched one: the two score the centroids in a different
+    # order of summation, so with one leaf searched a near tie between two centroids can send
+    # a query to another leaf (2 of these 50 queries, depending on the k-means run).
     resorted = 0
-    for query, batched_ids in zip(queries, result.ids, strict=True):
+    for query in queries:
         single = index.search(query[None], 10, leaves_to_search=1)
-        np.testing.assert_array_equal(single.ids[0], batched_ids)
-        np.testing.assert_array_equal(single.doc_vectors[0], docs[batched_ids])
+        scann_single = index.searcher.search(query, 10, config.reorder_k, 1)[0].astype(np.int32)
+        assert set(single.ids[0]) == set(scann_single)
+        np.testing.assert_array_equal(single.doc_vectors[0], docs[single.ids[0]])
+        exact = docs[single.ids[0]] @ query
+        np.testing.assert_allclose(single.scores[0], exact, rtol=1e-5, atol=1e-5)
         assert np.all(np.diff(single.scores[0]) <= 0)
-        scann_single, _ = index.searcher.search(query, 10, config.reorder_k, 1)
-        resorted += np.any(single.ids[0] != scann_single.astype(np.int32))
+        resorted += np.any(single.ids[0] != scann_single)
     assert resorted > 0
 
 

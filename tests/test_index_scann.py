@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rag_jax.index.exact import ExactIndex
-from rag_jax.index.scann_index import ScannConfig, ScannIndex
+from rag_jax.index.scann_index import ScannConfig, ScannIndex, exact_top_k
 
 
 def _clustered(n, dim, n_clusters, seed, noise=0.6):
@@ -151,6 +151,59 @@ def test_more_leaves_searched_never_hurts(data, index):
         index.search(queries, 10, leaves_to_search=index.config.num_leaves).ids, exact_ids
     )
     assert narrow <= wide and wide >= 0.99
+
+
+def test_exact_top_k_is_brute_force(data):
+    docs, queries, exact_ids = data
+    # Chunks of 7 rows: the running top-k is merged ~700 times, and the last chunk is short.
+    np.testing.assert_array_equal(exact_top_k(docs, queries, 10, chunk=7), exact_ids)
+    full_order = np.argsort(-(queries[:5] @ docs.T), axis=1)[:, :3]
+    np.testing.assert_array_equal(exact_top_k(docs, queries[:5], 3, chunk=4096), full_order)
+
+
+def test_tune_finds_the_fewest_leaves_then_candidates_reaching_the_target(data, index):
+    docs, queries, exact_ids = data
+    tuned = ScannIndex(index.searcher, docs, index.config)  # shares the searcher, not the config
+    sample, held_out = queries[:100], queries[100:]
+    reorder_before = index.config.reorder_k
+    config = tuned.tune(sample, 10, target_recall=0.95)
+    assert tuned.config == config and index.config.leaves_to_search != config.leaves_to_search
+
+    def recall(leaves, reorder, qs=sample):
+        found = index.search(qs, 10, leaves_to_search=leaves, reorder_k=reorder).ids
+        return _recall(found, exact_top_k(docs, qs, 10))
+
+    leaves, reorder = config.leaves_to_search, config.reorder_k
+    assert 1 <= leaves < index.config.leaves_to_search and 10 <= reorder <= reorder_before
+    assert recall(leaves, reorder) >= 0.95
+    # The smallest: one leaf fewer (at the re-scoring budget it started from), or one
+    # candidate fewer (at the leaves chosen), misses the target.
+    assert leaves == 1 or recall(leaves - 1, reorder_before) < 0.95
+    assert reorder == 10 or recall(leaves, reorder - 1) < 0.95
+    # Searches now use the tuned settings, and they carry over to held-out queries.
+    np.testing.assert_array_equal(
+        tuned.search(held_out, 10).ids,
+        index.search(held_out, 10, leaves_to_search=leaves, reorder_k=reorder).ids,
+    )
+    assert _recall(tuned.search(held_out, 10).ids, exact_ids[100:]) >= 0.9
+    # A stricter target needs at least as much work.
+    strict = ScannIndex(index.searcher, docs, index.config).tune(sample, 10, target_recall=0.99)
+    assert strict.leaves_to_search >= leaves
+
+
+def test_tune_rejects_bad_arguments_and_unreachable_targets(data, index):
+    docs, queries, _ = data
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        index.tune(queries, 10, target_recall=1.5)
+    with pytest.raises(ValueError, match="queries have dimension 32"):
+        index.tune(queries[:, :32], 10)
+    with pytest.raises(ValueError, match="k must be in"):
+        index.tune(queries, 0)
+    # Re-scoring only the 10 best by 4-bit codes cannot give every true neighbour.
+    starved = ScannIndex(index.searcher, docs, ScannConfig(reorder_k=10).resolve(len(docs)))
+    with pytest.raises(ValueError, match="build with a larger reorder_k"):
+        starved.tune(queries, 10, target_recall=1.0)
+    assert index.config == ScannConfig().resolve(len(docs))  # failed calls changed nothing
 
 
 def test_save_and_load_give_identical_results(tmp_path, data, index):

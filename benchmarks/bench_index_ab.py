@@ -94,6 +94,14 @@ def main() -> None:
     )
     parser.add_argument("--plot", help="write recall against q/s to this PNG (matplotlib)")
     parser.add_argument(
+        "--tune",
+        type=float,
+        nargs="*",
+        default=[],
+        help="also time the settings ScannIndex.tune picks for these recall targets",
+    )
+    parser.add_argument("--tune-queries", type=int, default=200, help="tune's sample queries")
+    parser.add_argument(
         "--hnsw-m", type=int, nargs="+", default=[16], help="one HNSW index per M (links a node)"
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -128,9 +136,24 @@ def main() -> None:
 
         return search
 
+    scann_settings = list(args.scann)
+    for target in args.tune:  # ScannIndex.tune on a sample, recall checked on the rest
+        for dtype, scann in scanns.items():
+            start = time.perf_counter()
+            config = scann.tune(queries[: args.tune_queries], K, target)
+            seconds = time.perf_counter() - start
+            found = scann.search(queries[args.tune_queries :], K).ids
+            held_out = recall_at_k(found, gt[args.tune_queries :])
+            print(
+                f"ScannIndex ({dtype}).tune(first {args.tune_queries} queries, k={K}, "
+                f"target_recall={target}): {config.leaves_to_search} leaves searched, "
+                f"reorder {config.reorder_k}, in {seconds:.1f} s; recall@{K} on the other "
+                f"{len(queries) - args.tune_queries} queries {held_out:.3f}"
+            )
+            scann_settings.append(f"{config.leaves_to_search},{config.reorder_k}")
     settings = {}
     for dtype, scann in scanns.items():
-        for s in args.scann:
+        for s in dict.fromkeys(scann_settings):
             leaves, reorder = map(int, s.split(","))
             name = f"ScannIndex ({dtype}), leaves searched {leaves}, reorder {reorder}"
             kind = "ScannIndex.search, ids + vectors" + (f" ({dtype})" if len(scanns) > 1 else "")

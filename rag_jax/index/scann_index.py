@@ -234,7 +234,14 @@ class ScannIndex:
             vectors = np.pad(vectors, ((0, missing), (0, 0)))
         return SearchResult(ids.astype(np.int32)[None], scores[None], vectors[None])
 
-    def tune(self, queries: np.ndarray, k: int = 10, target_recall: float = 0.95) -> ScannConfig:
+    def tune(
+        self,
+        queries: np.ndarray,
+        k: int = 10,
+        target_recall: float = 0.95,
+        *,
+        max_reorder_k: int | None = None,
+    ) -> ScannConfig:
         """Fewest leaves searched, then fewest candidates re-scored, reaching a recall@k target.
 
         The defaults search 10% of the leaves, enough for the data sets we measured but
@@ -242,18 +249,21 @@ class ScannIndex:
         reaches recall@10 0.994, ~20x the default's queries/s). This measures instead: recall
         against exact float32 search over the stored embeddings, on held-out queries that look
         like the ones to come (e.g. query-encoder outputs for a sample of training questions).
-        First the smallest ``leaves_to_search`` reaching ``target_recall`` with the current
-        ``reorder_k``, then the smallest ``reorder_k`` (at least k) still reaching it there.
-        Sets ``self.config`` (persisted by :meth:`save`) and returns it.
+        First the smallest ``leaves_to_search`` reaching ``target_recall`` when re-scoring
+        ``max_reorder_k`` candidates, then the smallest ``reorder_k`` (at least k) still
+        reaching it there. Sets ``self.config`` (persisted by :meth:`save`) and returns it;
+        calling it again starts afresh, as its defaults do not depend on a previous tuning.
 
         Args:
           queries: ``(Q, H)`` sample queries; a few hundred give recall to about +-0.01.
           k: neighbours per query the recall is measured at.
           target_recall: recall@k to reach, in (0, 1].
+          max_reorder_k: the re-scoring budget the leaves are chosen at (default: the larger
+            of the current ``reorder_k`` and ScannConfig's default, 100).
 
         Raises:
-          ValueError: on a bad argument, or if even every leaf with the current
-            ``reorder_k`` stays below ``target_recall`` (raise ``reorder_k`` and re-build).
+          ValueError: on a bad argument, or if even every leaf with ``max_reorder_k``
+            candidates stays below ``target_recall``.
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if not 0 < k <= self.n_docs:
@@ -273,11 +283,12 @@ class ScannIndex:
             hits = [len(set(a) & set(b)) for a, b in zip(found, exact_ids, strict=True)]
             return sum(hits) / exact_ids.size
 
-        num_leaves, reorder = self.config.num_leaves, max(k, self.config.reorder_k)
+        reorder = max_reorder_k or max(self.config.reorder_k, ScannConfig.reorder_k)
+        reorder, num_leaves = max(k, reorder), self.config.num_leaves
         if recall(num_leaves, reorder) < target_recall:
             raise ValueError(
                 f"recall@{k} stays below {target_recall} even with all {num_leaves} leaves "
-                f"searched and reorder_k={reorder}: build with a larger reorder_k"
+                f"searched and {reorder} candidates re-scored: raise max_reorder_k"
             )
         leaves = _smallest_reaching(lambda n: recall(n, reorder) >= target_recall, num_leaves)
         reorder = (

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from rag_jax.index.exact import ExactIndex
-from rag_jax.index.scann_index import ScannConfig, ScannIndex, exact_top_k
+from rag_jax.index.scann_index import ScannConfig, ScannIndex, _smallest_reaching, exact_top_k
 
 
 def _clustered(n, dim, n_clusters, seed, noise=0.6):
@@ -159,6 +159,20 @@ def test_exact_top_k_is_brute_force(data):
     np.testing.assert_array_equal(exact_top_k(docs, queries, 10, chunk=7), exact_ids)
     full_order = np.argsort(-(queries[:5] @ docs.T), axis=1)[:, :3]
     np.testing.assert_array_equal(exact_top_k(docs, queries[:5], 3, chunk=4096), full_order)
+
+
+def test_smallest_reaching_finds_every_threshold():
+    # Against brute force: every threshold t in every range, and no call outside the range.
+    for lowest in (1, 3, 10):
+        for highest in range(lowest, 70):
+            for threshold in range(lowest, highest + 1):
+                calls = []
+                found = _smallest_reaching(
+                    lambda n, t=threshold, c=calls: c.append(n) or n >= t, lowest, highest
+                )
+                assert found == threshold
+                assert all(lowest <= n <= highest for n in calls)
+                assert len(calls) <= 2 * (highest - lowest + 1).bit_length() + 1
 
 
 def test_tune_finds_the_fewest_leaves_then_candidates_reaching_the_target(data, index):

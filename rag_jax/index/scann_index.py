@@ -290,14 +290,8 @@ class ScannIndex:
                 f"recall@{k} stays below {target_recall} even with all {num_leaves} leaves "
                 f"searched and {reorder} candidates re-scored: raise max_reorder_k"
             )
-        leaves = _smallest_reaching(lambda n: recall(n, reorder) >= target_recall, num_leaves)
-        reorder = (
-            k
-            - 1
-            + _smallest_reaching(
-                lambda n: recall(leaves, k - 1 + n) >= target_recall, reorder - k + 1
-            )
-        )
+        leaves = _smallest_reaching(lambda n: recall(n, reorder) >= target_recall, 1, num_leaves)
+        reorder = _smallest_reaching(lambda n: recall(leaves, n) >= target_recall, k, reorder)
         self.config = dataclasses.replace(self.config, leaves_to_search=leaves, reorder_k=reorder)
         return self.config
 
@@ -360,14 +354,14 @@ def exact_top_k(
     return np.take_along_axis(best_ids, order, axis=1)
 
 
-def _smallest_reaching(good, upper: int) -> int:
-    """Smallest n in [1, upper] with ``good(n)``, given ``good(upper)`` and good monotone in n.
+def _smallest_reaching(good, lowest: int, highest: int) -> int:
+    """Smallest n in [lowest, highest] with ``good(n)``, given ``good(highest)``, good monotone.
 
-    Doubling from 1, then bisection: O(log n) calls, cheap ones first.
+    Doubling the distance from ``lowest``, then bisection: O(log n) calls, cheap ones first.
     """
-    low, high = 1, 1  # good(n) is False for every n < low
-    while high < upper and not good(high):
-        low, high = high + 1, min(2 * high, upper)
+    low, high = lowest, lowest  # good(n) is False for every n < low
+    while high < highest and not good(high):
+        low, high = high + 1, min(2 * high - lowest + 1, highest)
     while low < high:
         middle = (low + high) // 2
         if good(middle):

@@ -119,7 +119,7 @@ def main() -> None:
         def search(q):
             if len(q) == 1:
                 return scann.searcher.search(q[0], K, reorder, leaves)[0][None]
-            per_thread = -(-len(q) // args.threads)
+            per_thread = min(256, -(-len(q) // args.threads))  # as ScannIndex.search
             return scann.searcher.search_batched_parallel(
                 q, K, reorder, leaves, batch_size=per_thread
             )[0]

@@ -29,7 +29,9 @@ from rag_jax.index import (
     TextEncoder,
     build_index,
     encode_passages,
+    encode_texts,
     load_index,
+    tune_index,
 )
 
 VOCAB, DIM = 257, 8
@@ -329,3 +331,36 @@ def test_multi_process_build_splits_chunks_over_hosts(tmp_path):
         rtol=1e-6,
         atol=1e-7,
     )
+
+
+def test_tune_index_saves_the_settings_and_leaves_the_searcher(tmp_path, two_indexes):
+    write_corpus(tmp_path / "big.jsonl", 2600, seed=3)  # above ScaNN's brute-force size
+    encoder = toy_encoder()
+    build_index(tmp_path / "big.jsonl", encoder, tmp_path / "big", **BUILD)
+    built = load_index(tmp_path / "big").index
+    searcher_files = {
+        f.name: f.read_bytes()
+        for f in (tmp_path / "big" / "scann").iterdir()
+        if f.suffix != ".json"
+    }
+    rng = np.random.default_rng(7)
+    questions = [" ".join(rng.choice([f"w{i}" for i in range(300)], size=6)) for _ in range(150)]
+    queries = encode_texts(encoder, questions)
+
+    config = tune_index(tmp_path / "big", queries, k=10, target_recall=0.9)
+    expected = ScannIndex(built.searcher, built.embeddings, built.config).tune(queries, 10, 0.9)
+    assert config == expected and config != built.config
+    reloaded = load_index(tmp_path / "big")
+    assert reloaded.index.config == config  # later loads search with the tuned settings
+    assert reloaded.manifest.backend_config == dataclasses.asdict(config)
+    assert not list((tmp_path / "big").rglob("*.tmp"))
+    for name, content in searcher_files.items():  # the searcher itself is not rewritten
+        assert (tmp_path / "big" / "scann" / name).read_bytes() == content
+
+    with pytest.raises(IndexMismatchError, match="built without a ScaNN searcher"):
+        tune_index(two_indexes / "a", queries)
+    with pytest.raises(IndexMismatchError, match="holds 8-dim vectors"):
+        tune_index(tmp_path / "big", queries[:, :4])
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        tune_index(tmp_path / "big", queries, target_recall=0.0)
+    assert load_index(tmp_path / "big").index.config == config  # failed calls changed nothing

@@ -141,6 +141,25 @@ def test_cli_search_prints_rank_score_title_and_text(index_dir):
         assert float(lines[at + 2].split()[1]) > float(lines[at + 3].split()[1])
 
 
+def test_cli_tune_reads_questions_and_reports_bad_files(index_dir, tmp_path):
+    questions = tmp_path / "questions.txt"
+    questions.write_text("\n".join(QUERIES) + "\n\n")
+    manifest_before = json.loads((index_dir / "manifest.json").read_text())
+    done = run_cli("tune", "--index", str(index_dir), "--questions", str(questions), "-k", "3")
+    assert done.returncode == 0, done.stderr
+    # 12 passages: ScaNN scores them all exactly, so the settings stay as they were. (Tuning
+    # itself is tested on larger indexes in test_index_build and test_index_scann.)
+    assert f"{index_dir}: ScaNN scores all 12 passages exactly; nothing to tune" in done.stdout
+    assert json.loads((index_dir / "manifest.json").read_text()) == manifest_before
+
+    empty, binary = tmp_path / "empty.txt", tmp_path / "binary.txt"
+    empty.write_text("\n  \n")
+    binary.write_bytes(b"caf\xe9\n")
+    for path, message in [(empty, "no questions"), (binary, "not UTF-8 text")]:
+        done = run_cli("tune", "--index", str(index_dir), "--questions", str(path))
+        assert done.returncode == 2 and f"error: {path}: {message}" in done.stderr
+
+
 def test_cli_reports_bad_corpus_lines_with_file_and_line(tmp_path, capsys):
     from rag_jax.index.__main__ import main
 

@@ -23,7 +23,7 @@ from rag_jax.index.encode import (
 from rag_jax.index.exact import ExactIndex, SearchResult, chunked_top_k, exact_search
 from rag_jax.index.manifest import IndexMismatchError, Manifest
 from rag_jax.index.scann_index import ScannConfig, ScannIndex
-from rag_jax.index.source import Index, KnowledgeSource, LoadedIndex, load_index
+from rag_jax.index.source import Index, KnowledgeSource, LoadedIndex, load_index, tune_index
 
 __all__ = [
     "CorpusError",
@@ -49,5 +49,6 @@ __all__ = [
     "load_text_encoder",
     "split_document",
     "split_passages",
+    "tune_index",
     "weights_sha256",
 ]

@@ -2,6 +2,7 @@
 
 python -m rag_jax.index build --corpus psgs.jsonl --encoder MODEL_DIR --out indexes/wiki
 python -m rag_jax.index search --index indexes/wiki --query "who wrote hamlet" -k 5
+python -m rag_jax.index tune --index indexes/wiki --questions sample_questions.txt
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ import argparse
 import logging
 import sys
 import textwrap
+from pathlib import Path
 
 from rag_jax.index.build import build_index
 from rag_jax.index.corpus import CorpusError
 from rag_jax.index.encode import encode_texts, load_text_encoder
 from rag_jax.index.manifest import IndexMismatchError, Manifest
 from rag_jax.index.scann_index import ScannConfig
-from rag_jax.index.source import KnowledgeSource
+from rag_jax.index.source import KnowledgeSource, tune_index
 from rag_jax.models.checkpoint import CheckpointError
 
 
@@ -54,11 +56,22 @@ def _parser() -> argparse.ArgumentParser:
     search.add_argument("--index", required=True, help="index directory")
     search.add_argument("--query", required=True, action="append", help="query text (repeatable)")
     search.add_argument("-k", type=int, default=5, help="passages per query")
-    search.add_argument(
-        "--encoder", help="the index's document encoder (default: the manifest's encoder_path)"
-    )
-    search.add_argument("--query-encoder", help="a separate query encoder, e.g. DPR's")
     search.add_argument("--backend", choices=("scann", "exact"), help="default: the index's")
+
+    tune = commands.add_parser(
+        "tune", help="fewest ScaNN leaves and candidates reaching a recall target; saved"
+    )
+    tune.add_argument("--index", required=True, help="index directory built with ScaNN")
+    tune.add_argument(
+        "--questions", required=True, help="UTF-8 text file, one sample question a line"
+    )
+    tune.add_argument("-k", type=int, default=10, help="recall@k is measured (default 10)")
+    tune.add_argument("--target-recall", type=float, default=0.95, help="default 0.95")
+    for command in (search, tune):
+        command.add_argument(
+            "--encoder", help="the index's document encoder (default: the manifest's encoder_path)"
+        )
+        command.add_argument("--query-encoder", help="a separate query encoder, e.g. DPR's")
     return parser
 
 
@@ -85,16 +98,20 @@ def _build(args: argparse.Namespace) -> None:
     print(f"built {args.out}: {manifest.count} passages, {manifest.dim}-dim{skipped}")
 
 
+def _query_encoder(args: argparse.Namespace, manifest: Manifest):
+    """The encoder for questions, and the document encoder's hash the index must match."""
+    if args.query_encoder:  # an asymmetric (DPR) pair: only the vector size must agree
+        return load_text_encoder(args.query_encoder), None
+    path = args.encoder or manifest.encoder_path
+    if not path:
+        raise IndexMismatchError(f"{args.index}: no encoder recorded; pass --encoder")
+    encoder = load_text_encoder(path)
+    return encoder, encoder.weights_sha256
+
+
 def _search(args: argparse.Namespace) -> None:
     manifest = Manifest.read(args.index)
-    if args.query_encoder:  # an asymmetric (DPR) pair: only the vector size must agree
-        encoder, doc_encoder_sha256 = load_text_encoder(args.query_encoder), None
-    else:
-        path = args.encoder or manifest.encoder_path
-        if not path:
-            raise IndexMismatchError(f"{args.index}: no encoder recorded; pass --encoder")
-        encoder = load_text_encoder(path)
-        doc_encoder_sha256 = encoder.weights_sha256
+    encoder, doc_encoder_sha256 = _query_encoder(args, manifest)
     source = KnowledgeSource(
         args.index,
         backend=args.backend,
@@ -114,13 +131,39 @@ def _search(args: argparse.Namespace) -> None:
             print(f"{rank:>4}  {float(score):8.4f}  {title:<30}  {text}")
 
 
+def _tune(args: argparse.Namespace) -> None:
+    manifest = Manifest.read(args.index)
+    if manifest.backend != "scann":
+        raise IndexMismatchError(f"index {args.index} was built without a ScaNN searcher")
+    try:
+        lines = Path(args.questions).read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{args.questions}: not UTF-8 text ({e})") from None
+    questions = [line.strip() for line in lines if line.strip()]
+    if not questions:
+        raise ValueError(f"{args.questions}: no questions (one a line)")
+    encoder, doc_encoder_sha256 = _query_encoder(args, manifest)
+    manifest.check(
+        args.index, encoder_sha256=doc_encoder_sha256, encoder_name=encoder.name, dim=encoder.dim
+    )
+    config = tune_index(args.index, encode_texts(encoder, questions), args.k, args.target_recall)
+    if config.brute_force:
+        print(f"{args.index}: ScaNN scores all {manifest.count} passages exactly; nothing to tune")
+        return
+    print(
+        f"tuned {args.index}: {config.leaves_to_search} of {config.num_leaves} leaves searched, "
+        f"{config.reorder_k} candidates re-scored, for recall@{args.k} >= {args.target_recall} "
+        f"on {len(questions)} questions"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rag_jax").setLevel(logging.INFO)
     try:
-        _build(args) if args.command == "build" else _search(args)
-    except (CorpusError, IndexMismatchError, CheckpointError, FileNotFoundError) as e:
+        {"build": _build, "search": _search, "tune": _tune}[args.command](args)
+    except (CorpusError, IndexMismatchError, CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -300,7 +300,17 @@ class ScannIndex:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.searcher.serialize(str(path), relative_path=True)
-        (path / _CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        self.save_config(path)
+
+    def save_config(self, path: str | os.PathLike) -> None:
+        """Writes only the settings (e.g. after :meth:`tune`) into a saved searcher's directory.
+
+        Atomic (temp file, then rename): a reader sees the old settings or the new.
+        """
+        config_file = Path(path) / _CONFIG_FILE
+        tmp = config_file.with_name(config_file.name + ".tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
+        os.replace(tmp, config_file)
 
     @staticmethod
     def load(path: str | os.PathLike, embeddings: np.ndarray) -> ScannIndex:
@@ -336,7 +346,8 @@ def exact_top_k(
     """Ids ``(Q, k)`` of the k largest inner products, by brute force over row chunks.
 
     NumPy in float32, one chunk of ``embeddings`` (which may be a memory map) at a time, so
-    memory stays at ``Q x chunk`` scores whatever N is.
+    memory stays at ``Q x chunk`` scores whatever N is; :func:`~rag_jax.index.exact.chunked_top_k`
+    would first copy the whole array into a JAX array.
     """
     best_scores = np.full((len(queries), 0), -np.inf, np.float32)
     best_ids = np.zeros((len(queries), 0), np.int64)

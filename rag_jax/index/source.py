@@ -13,6 +13,7 @@ retrieve on device from an index built for ScaNN.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 from pathlib import Path
@@ -24,7 +25,7 @@ from jax.sharding import Mesh
 from rag_jax.index.corpus import Passage, PassageStore
 from rag_jax.index.exact import ExactIndex, SearchResult
 from rag_jax.index.manifest import IndexMismatchError, Manifest
-from rag_jax.index.scann_index import ScannIndex
+from rag_jax.index.scann_index import ScannConfig, ScannIndex
 
 EMBEDDINGS_FILE = "embeddings.npy"
 PASSAGES_DIR = "passages"
@@ -112,6 +113,29 @@ def load_index(
     else:
         raise ValueError(f"backend must be 'exact' or 'scann', got {backend!r}")
     return LoadedIndex(index, passages, manifest, index_dir)
+
+
+def tune_index(
+    index_dir: str | os.PathLike, queries: np.ndarray, k: int = 10, target_recall: float = 0.95
+) -> ScannConfig:
+    """Tunes the ScaNN search settings of an index directory and saves them there.
+
+    :meth:`ScannIndex.tune` on ``queries`` (``(Q, H)`` sample query vectors), then the new
+    settings go to ``scann/`` and to the manifest's ``backend_config`` (each file replaced
+    atomically); the searcher itself is not rewritten. Later loads search with them.
+
+    Raises:
+      IndexMismatchError: if the directory has no ScaNN searcher or another dim than queries.
+      ValueError: as :meth:`ScannIndex.tune`.
+    """
+    index_dir = Path(index_dir)
+    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    loaded = load_index(index_dir, backend="scann", dim=queries.shape[-1])
+    config = loaded.index.tune(queries, k, target_recall)
+    loaded.index.save_config(index_dir / SCANN_DIR)
+    manifest = dataclasses.replace(loaded.manifest, backend_config=dataclasses.asdict(config))
+    manifest.write(index_dir)
+    return config
 
 
 class KnowledgeSource:

@@ -361,6 +361,11 @@ def test_tune_index_saves_the_settings_and_leaves_the_searcher(tmp_path, two_ind
         tune_index(two_indexes / "a", queries)
     with pytest.raises(IndexMismatchError, match="holds 8-dim vectors"):
         tune_index(tmp_path / "big", queries[:, :4])
+    other = toy_encoder(seed=5)
+    with pytest.raises(IndexMismatchError, match="built with encoder 'toy-0'"):
+        tune_index(
+            tmp_path / "big", queries, encoder_sha256=other.weights_sha256, encoder_name=other.name
+        )
     with pytest.raises(ValueError, match="target_recall must be in"):
         tune_index(tmp_path / "big", queries, target_recall=0.0)
     assert load_index(tmp_path / "big").index.config == config  # failed calls changed nothing

@@ -133,7 +133,7 @@ def _search(args: argparse.Namespace) -> None:
 
 def _tune(args: argparse.Namespace) -> None:
     manifest = Manifest.read(args.index)
-    if manifest.backend != "scann":
+    if manifest.backend != "scann":  # load_index checks it too, but only after the encoder loads
         raise IndexMismatchError(f"index {args.index} was built without a ScaNN searcher")
     try:
         lines = Path(args.questions).read_text(encoding="utf-8").splitlines()
@@ -143,10 +143,14 @@ def _tune(args: argparse.Namespace) -> None:
     if not questions:
         raise ValueError(f"{args.questions}: no questions (one a line)")
     encoder, doc_encoder_sha256 = _query_encoder(args, manifest)
-    manifest.check(
-        args.index, encoder_sha256=doc_encoder_sha256, encoder_name=encoder.name, dim=encoder.dim
+    config = tune_index(
+        args.index,
+        encode_texts(encoder, questions),
+        args.k,
+        args.target_recall,
+        encoder_sha256=doc_encoder_sha256,
+        encoder_name=encoder.name,
     )
-    config = tune_index(args.index, encode_texts(encoder, questions), args.k, args.target_recall)
     if config.brute_force:
         print(f"{args.index}: ScaNN scores all {manifest.count} passages exactly; nothing to tune")
         return

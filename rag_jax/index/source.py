@@ -116,7 +116,13 @@ def load_index(
 
 
 def tune_index(
-    index_dir: str | os.PathLike, queries: np.ndarray, k: int = 10, target_recall: float = 0.95
+    index_dir: str | os.PathLike,
+    queries: np.ndarray,
+    k: int = 10,
+    target_recall: float = 0.95,
+    *,
+    encoder_sha256: str | None = None,
+    encoder_name: str | None = None,
 ) -> ScannConfig:
     """Tunes the ScaNN search settings of an index directory and saves them there.
 
@@ -124,13 +130,24 @@ def tune_index(
     settings go to ``scann/`` and to the manifest's ``backend_config`` (each file replaced
     atomically); the searcher itself is not rewritten. Later loads search with them.
 
+    Args:
+      encoder_sha256, encoder_name: the document encoder the queries' encoder pairs with, checked
+        against the manifest as in :func:`load_index` (None skips the check).
+
     Raises:
-      IndexMismatchError: if the directory has no ScaNN searcher or another dim than queries.
+      IndexMismatchError: if the directory has no ScaNN searcher, another dim than the queries
+        or was built with another document encoder.
       ValueError: as :meth:`ScannIndex.tune`.
     """
     index_dir = Path(index_dir)
     queries = np.atleast_2d(np.asarray(queries, np.float32))
-    loaded = load_index(index_dir, backend="scann", dim=queries.shape[-1])
+    loaded = load_index(
+        index_dir,
+        backend="scann",
+        encoder_sha256=encoder_sha256,
+        encoder_name=encoder_name,
+        dim=queries.shape[-1],
+    )
     config = loaded.index.tune(queries, k, target_recall)
     loaded.index.save_config(index_dir / SCANN_DIR)
     manifest = dataclasses.replace(loaded.manifest, backend_config=dataclasses.asdict(config))

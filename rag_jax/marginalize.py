@@ -129,10 +129,31 @@ def target_log_probs(logits: Array, targets: Array) -> Array:
     return _log_softmax_stats(logits, jnp.broadcast_to(targets, logits.shape[:-1]), False)[0]
 
 
-def _is_target(logits: Array, targets: Array) -> Array:
-    """``[..., V]`` bool one-hot of ``targets``, built by comparison so it fuses into the VJP."""
-    vocab_ids = jax.lax.broadcasted_iota(targets.dtype, logits.shape, logits.ndim - 1)
-    return vocab_ids == targets[..., None]
+def _add_at_targets(grad: Array, targets: Array, values: Array) -> Array:
+    """``grad[..., targets] += values``: the ``onehot(target)`` part of a softmax gradient.
+
+    A scatter of the ``[...]`` values into the finished ``[..., V]`` gradient, in place,
+    rather than a one-hot built by comparing every entry with the target: on CPU that
+    comparison made the gradient pass ~20% slower (118 -> 95 ms at B=8, K=5, T=32,
+    V=50265). Negative targets count from the end, as in the forward pass's gather.
+
+    Args:
+      grad: ``[..., V]``.
+      targets: int ids, broadcastable against ``grad[..., 0]``.
+      values: ``[...]``, broadcastable likewise.
+    """
+    batch_shape = grad.shape[:-1]
+    targets = jnp.broadcast_to(targets, batch_shape)
+    values = jnp.broadcast_to(values, batch_shape).astype(grad.dtype)
+
+    def add_one(row, target, value):  # [V], [], []
+        return row.at[target].add(value)
+
+    # vmapped over the leading axes, not flattened: a scatter with batch dimensions, so a
+    # batch axis sharded over devices stays sharded (flat row indices made XLA gather it).
+    for _ in batch_shape:
+        add_one = jax.vmap(add_one)
+    return add_one(grad, targets, values)
 
 
 # --------------------------------------------------------------------------------------
@@ -296,13 +317,12 @@ def _log_softmax_stats_fwd(logits, targets, with_vocab_sum):
 
 def _log_softmax_stats_bwd(with_vocab_sum, residuals, cotangents):
     logits, targets, log_normaliser = residuals
-    d_target = cotangents[0][..., None]
+    d_target = cotangents[0]
     softmax = jnp.exp(logits.astype(jnp.float32) - log_normaliser[..., None])  # recomputed
-    one_hot = _is_target(logits, targets).astype(jnp.float32)
-    grad = d_target * (one_hot - softmax)
+    grad = -d_target[..., None] * softmax
     if with_vocab_sum:
         grad += cotangents[1][..., None] * (1.0 - logits.shape[-1] * softmax)
-    return grad.astype(logits.dtype), None
+    return _add_at_targets(grad, targets, d_target).astype(logits.dtype), None
 
 
 _log_softmax_stats.defvjp(_log_softmax_stats_fwd, _log_softmax_stats_bwd)
@@ -333,10 +353,10 @@ def _rag_token_stats_bwd(residuals, cotangents):
     # posterior[b,k,t,v] = p(z_k | x, y_<t, y_t = v): d marginal[v] / d log p(v|z_k).
     posterior = jnp.exp(doc_lp[:, :, None, None] + log_softmax - marginal[:, None])
     softmax = jnp.exp(log_softmax)
-    one_hot = _is_target(logits, targets[:, None]).astype(jnp.float32)
-    grad = d_target[..., None] * (one_hot - softmax) + d_vocab_sum[:, None, :, None] * (
+    grad = -d_target[..., None] * softmax + d_vocab_sum[:, None, :, None] * (
         posterior - softmax * posterior_mass[..., None]
     )
+    grad = _add_at_targets(grad, targets[:, None], d_target)
     d_doc_lp = jnp.sum(d_vocab_sum[:, None, :] * posterior_mass, axis=-1)  # (B, K)
     return grad.astype(logits.dtype), d_doc_lp.astype(doc_lp.dtype), None
 

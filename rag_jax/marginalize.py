@@ -206,7 +206,16 @@ def _logsumexp_over_vocab(logits: Array, row_max: Array, for_cpu: bool) -> Array
 
 
 def _on_cpu_in_chunks(stats_fn, arrays: tuple, in_axes: tuple, out_axes: tuple, chunk: int):
-    """``stats_fn(*arrays, for_cpu=False)``, except on CPU: chunk by chunk, by matmul.
+    """``stats_fn(*arrays, for_cpu=False)``, except on CPU: :func:`_in_chunks`."""
+    default = functools.partial(stats_fn, for_cpu=False)
+    in_chunks = functools.partial(
+        _in_chunks, stats_fn, in_axes=in_axes, out_axes=out_axes, chunk=chunk
+    )
+    return jax.lax.platform_dependent(*arrays, cpu=in_chunks, default=default)
+
+
+def _in_chunks(stats_fn, *arrays, in_axes: tuple, out_axes: tuple, chunk: int) -> tuple:
+    """``stats_fn(*arrays, for_cpu=True)``, chunk by chunk.
 
     A chunk is ``chunk`` consecutive entries of the sequence axis, which is ``in_axes[i]``
     of ``arrays[i]`` (``None``: it has none) and ``out_axes[j]`` of output j; every other
@@ -214,59 +223,85 @@ def _on_cpu_in_chunks(stats_fn, arrays: tuple, in_axes: tuple, out_axes: tuple, 
     is shifted back to end at the last entry rather than padded: entries it shares with the
     chunk before are recomputed to the same values.
     """
+    length = arrays[0].shape[in_axes[0]]
+    size = max(1, min(length, chunk))
 
-    def chunked(*arrays):
-        length = arrays[0].shape[in_axes[0]]
-        size = max(1, min(length, chunk))
+    def take(x, axis, start):
+        return x if axis is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
 
-        def take(x, axis, start):
-            return x if axis is None else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
-
-        def one_chunk(i, outputs):
-            start = jnp.minimum(i * size, length - size)
-            pieces = (take(x, ax, start) for x, ax in zip(arrays, in_axes, strict=True))
-            stats = stats_fn(*pieces, for_cpu=True)
-            return tuple(
-                jax.lax.dynamic_update_slice_in_dim(out, x, start, ax)
-                for out, x, ax in zip(outputs, stats, out_axes, strict=True)
-            )
-
-        first = [take(x, ax, 0) for x, ax in zip(arrays, in_axes, strict=True)]
-        out_shapes = jax.eval_shape(functools.partial(stats_fn, for_cpu=True), *first)
-        init = tuple(
-            jnp.zeros((*s.shape[:ax], length, *s.shape[ax + 1 :]), s.dtype)
-            for s, ax in zip(out_shapes, out_axes, strict=True)
+    def one_chunk(i, outputs):
+        start = jnp.minimum(i * size, length - size)
+        pieces = (take(x, ax, start) for x, ax in zip(arrays, in_axes, strict=True))
+        stats = stats_fn(*pieces, for_cpu=True)
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(out, x, start, ax)
+            for out, x, ax in zip(outputs, stats, out_axes, strict=True)
         )
-        return jax.lax.fori_loop(0, -(-length // size), one_chunk, init)
 
-    default = functools.partial(stats_fn, for_cpu=False)
-    return jax.lax.platform_dependent(*arrays, cpu=chunked, default=default)
+    first = [take(x, ax, 0) for x, ax in zip(arrays, in_axes, strict=True)]
+    out_shapes = jax.eval_shape(functools.partial(stats_fn, for_cpu=True), *first)
+    init = tuple(
+        jnp.zeros((*s.shape[:ax], length, *s.shape[ax + 1 :]), s.dtype)
+        for s, ax in zip(out_shapes, out_axes, strict=True)
+    )
+    return jax.lax.fori_loop(0, -(-length // size), one_chunk, init)
 
 
 def _vocab_stats(logits: Array, targets: Array, with_logit_sum: bool) -> tuple:
-    """``[..., V], [...] -> (logsumexp, logits[target], Σ_v logits or None)``, float32 ``[...]``.
+    """``[..., V], [...] -> (logsumexp, log p(target), Σ_v logits or None)``, float32 ``[...]``.
 
-    ``targets`` broadcasts against ``logits[..., 0]``.
+    ``targets`` broadcasts against ``logits[..., 0]``; ``p = softmax(logits)``.
+
+    On CPU the logits are first shifted by the target's logit instead of the row maximum,
+    which saves a pass over them (~25 of ~180 ms at B=8, K=5, T=32, V=50265), and then
+    ``log p(target) = -log Σ_v exp(logits_v - logits[target])`` directly. The target's own
+    term is exactly 1, so the sum cannot underflow; it overflows (to ``inf``) only where
+    some logit exceeds the target's by more than ``log(FLT_MAX / V)`` (~77 at V=50265), that
+    is where ``p(target) < e^-77``. If any row does (or holds a NaN or infinite logit), all
+    rows are recomputed with the row maxima. Under ``vmap`` the ``cond`` becomes a
+    ``select`` and both are computed.
     """
-
-    def stats(rows, row_targets, row_max, for_cpu):  # [R, V], [R], [R] -> [R] each
-        rows = rows.astype(jnp.float32)
-        return (
-            _logsumexp_over_vocab(rows, row_max.astype(jnp.float32), for_cpu),
-            jnp.take_along_axis(rows, row_targets[..., None], axis=-1)[..., 0],
-        )
-
     batch_shape, vocab_size = logits.shape[:-1], logits.shape[-1]
     rows = logits.reshape(-1, vocab_size)
     row_targets = jnp.broadcast_to(targets, batch_shape).reshape(-1)
-    chunk = _CHUNK_ELEMENTS // vocab_size
-    arrays = (rows, row_targets, jnp.max(rows, axis=-1))
-    log_normaliser, target_logits = _on_cpu_in_chunks(stats, arrays, (0, 0, 0), (0, 0), chunk)
+    target_logits = jnp.take_along_axis(rows, row_targets[:, None], axis=-1)[:, 0]
+    target_logits = target_logits.astype(jnp.float32)
+    chunking = dict(in_axes=(0, 0), out_axes=(0,), chunk=_CHUNK_ELEMENTS // vocab_size)
+
+    def shifted_log_sum(rows, row_shift, for_cpu):  # [R, V], [R] -> ([R],)
+        shifted = rows.astype(jnp.float32) - row_shift[:, None]
+        return (jnp.log(_sum_over_vocab(jnp.exp(shifted), for_cpu)),)
+
+    def by_row_max(rows, for_cpu):
+        row_max = jnp.max(rows, axis=-1).astype(jnp.float32)
+        shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # -inf rows give -inf, not NaN
+        if for_cpu:
+            log_sum = _in_chunks(shifted_log_sum, rows, shift, **chunking)[0]
+        else:
+            log_sum = shifted_log_sum(rows, shift, for_cpu=False)[0]
+        log_normaliser = shift + log_sum
+        return log_normaliser, target_logits - log_normaliser
+
+    def by_target_logit(rows):
+        shift = jnp.where(jnp.isfinite(target_logits), target_logits, 0.0)
+        log_sum = _in_chunks(shifted_log_sum, rows, shift, **chunking)[0]
+        log_normaliser = shift + log_sum
+        target_lp = jnp.where(shift == target_logits, -log_sum, target_logits - log_normaliser)
+        return log_normaliser, target_lp
+
+    def on_cpu(rows):
+        first_try = by_target_logit(rows)
+        safe = jnp.all(jnp.isfinite(first_try[0]))
+        return jax.lax.cond(safe, lambda: first_try, lambda: by_row_max(rows, for_cpu=True))
+
+    log_normaliser, target_lp = jax.lax.platform_dependent(
+        rows, cpu=on_cpu, default=lambda rows: by_row_max(rows, for_cpu=False)
+    )
     logit_sums = None
-    if with_logit_sum:  # like the maxima, in one pass over all rows: a product with ones
+    if with_logit_sum:  # in one pass over all rows, as a product with ones
         ones = jnp.ones((vocab_size,), rows.dtype)
         logit_sums = jnp.dot(rows, ones, preferred_element_type=jnp.float32).reshape(batch_shape)
-    return log_normaliser.reshape(batch_shape), target_logits.reshape(batch_shape), logit_sums
+    return log_normaliser.reshape(batch_shape), target_lp.reshape(batch_shape), logit_sums
 
 
 def _rag_token_vocab_stats(logits: Array, doc_lp: Array, targets: Array) -> tuple:
@@ -309,10 +344,10 @@ def _log_softmax_stats(
 
 
 def _log_softmax_stats_fwd(logits, targets, with_vocab_sum):
-    log_normaliser, target_logits, logit_sums = _vocab_stats(logits, targets, with_vocab_sum)
+    log_normaliser, target_lp, logit_sums = _vocab_stats(logits, targets, with_vocab_sum)
     # Σ_v log softmax(x)_v = Σ_v x_v - V·logsumexp(x): label smoothing's term.
     vocab_sum = logit_sums - logits.shape[-1] * log_normaliser if with_vocab_sum else None
-    return (target_logits - log_normaliser, vocab_sum), (logits, targets, log_normaliser)
+    return (target_lp, vocab_sum), (logits, targets, log_normaliser)
 
 
 def _log_softmax_stats_bwd(with_vocab_sum, residuals, cotangents):

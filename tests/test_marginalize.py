@@ -419,6 +419,44 @@ def test_target_log_probs_matches_full_log_softmax():
     np.testing.assert_allclose(ours, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("path", ["cpu", "cpu-small-chunks", "fused"])
+@pytest.mark.parametrize("transform", ["jit", "vmap"])
+@pytest.mark.parametrize("gap", [0.0, 60.0, 100.0, 1e4])
+def test_target_log_probs_of_improbable_targets(path, transform, gap, monkeypatch):
+    """On CPU the logsumexp is first shifted by the target's logit: exact unless another
+    logit exceeds it by more than log(FLT_MAX / V), where the sum overflows and every row is
+    recomputed with the row maxima. Rows at and past that gap, mixed with ordinary rows,
+    against float64 log-softmax, values and gradients."""
+    use_code_path(path, 2 * 50, monkeypatch)
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(3, 4, 50)) * 3.0
+    targets = rng.integers(0, 50, size=(3, 4))
+    logits[1, 2, (targets[1, 2] + 1) % 50] = logits[1, 2, targets[1, 2]] + gap
+    logits[2, 0, targets[2, 0]] = -np.inf  # an impossible target: log p = -inf, no NaN
+    weights = rng.normal(size=(3, 4))
+
+    def weighted(lg):
+        lp = mg.target_log_probs(lg, targets)
+        return jnp.sum(jnp.where(jnp.isfinite(lp), lp, 0.0) * weights), lp
+
+    def per_example(lg, tg, w):  # one [4, 50] example at a time, under vmap
+        lp = mg.target_log_probs(lg, tg)
+        return jnp.sum(jnp.where(jnp.isfinite(lp), lp, 0.0) * w), lp
+
+    x = jnp.asarray(logits, jnp.float32)
+    if transform == "jit":
+        grad, lp = jax.jit(jax.grad(weighted, has_aux=True))(x)
+    else:
+        grad, lp = jax.vmap(jax.grad(per_example, has_aux=True))(x, targets, weights)
+    full = np_log_softmax(logits.astype(np.float64))
+    expected = np.take_along_axis(full, targets[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(lp, expected, rtol=1e-6, atol=1e-5)
+    finite = np.isfinite(expected)[..., None]
+    one_hot = np.arange(50) == targets[..., None]
+    expected_grad = np.where(finite, weights[..., None] * (one_hot - np.exp(full)), 0.0)
+    np.testing.assert_allclose(grad, expected_grad, atol=1e-6)
+
+
 def test_rag_token_log_probs_is_the_mixture():
     rng = np.random.default_rng(2)
     logits, doc_scores = rng.normal(size=(3, 4, 12)), rng.normal(size=(3, 4))

@@ -210,3 +210,67 @@ def test_paraphrased_questions_retrieve_the_right_passage(index_dir):
         result, passages = source.retrieve(encode_texts(encoder, list(QUERIES)), 3)
         assert [hits[0].title for hits in passages] == list(QUERIES.values())
         assert np.all(np.asarray(result.scores)[:, 0] > np.asarray(result.scores)[:, 1])
+
+
+def test_cli_tune_of_a_partitioned_index(tmp_path):
+    """The tune command end to end on an index large enough for ScaNN to partition (2,100
+    passages; below 2,048 it scores all exactly), with a tiny random BERT behind MiniLM's
+    tokenizer so the encoding stays fast: the printed settings are the saved ones, and they
+    reach the target recall on the questions against exact search."""
+    import shutil
+
+    import transformers
+
+    from rag_jax.index import encode_texts, load_index, load_text_encoder
+
+    encoder_dir = tmp_path / "tiny-bert"
+    config = transformers.BertConfig(
+        vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64, initializer_range=0.5,
+    )  # fmt: skip
+    transformers.BertModel(config).save_pretrained(encoder_dir)
+    # MiniLM's tokenizer and its pooling (mean, then L2 normalisation): a random BERT's CLS
+    # vector is the same for every input.
+    for name in ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"]:
+        shutil.copy(MODEL_DIR / name, encoder_dir / name)
+    shutil.copy(MODEL_DIR / "modules.json", encoder_dir / "modules.json")
+    shutil.copytree(MODEL_DIR / "1_Pooling", encoder_dir / "1_Pooling")
+    rng = np.random.default_rng(0)
+    words = [f"{a}{b}" for a in ("sun", "sea", "hill", "road", "bird") for b in range(40)]
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for i in range(2100):
+            text = " ".join(rng.choice(words, size=rng.integers(4, 20)))
+            f.write(json.dumps({"id": f"d{i}", "title": f"T{i}", "text": text}) + "\n")
+    questions = [" ".join(rng.choice(words, size=6)) for _ in range(80)]
+    (tmp_path / "questions.txt").write_text("\n".join(questions) + "\n")
+    index = tmp_path / "index"
+    done = run_cli(
+        "build", "--corpus", str(tmp_path / "corpus.jsonl"), "--encoder", str(encoder_dir),
+        "--out", str(index), "--backend", "scann", "--batch-size", "256", "--max-length", "32",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+
+    done = run_cli(
+        "tune", "--index", str(index), "--questions", str(tmp_path / "questions.txt"),
+        "-k", "5", "--target-recall", "0.9",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    saved = json.loads((index / "manifest.json").read_text())["backend_config"]
+    leaves, n_leaves, reorder = saved["leaves_to_search"], saved["num_leaves"], saved["reorder_k"]
+    assert (
+        f"tuned {index}: {leaves} of {n_leaves} leaves searched, {reorder} candidates "
+        f"re-scored, for recall@5 >= 0.9 on 80 questions"
+    ) in done.stdout
+    assert n_leaves == 23 and 1 <= leaves < 20 and 5 <= reorder <= 100  # defaults: 20 and 100
+
+    encoder = load_text_encoder(encoder_dir, max_length=32)
+    query_vectors = np.asarray(encode_texts(encoder, questions))
+    loaded = load_index(index, backend="scann")
+    assert (loaded.index.config.leaves_to_search, loaded.index.config.reorder_k) == (
+        leaves,
+        reorder,
+    )
+    found = loaded.index.search(query_vectors, 5).ids
+    exact = np.argsort(-(query_vectors @ np.load(index / "embeddings.npy").T), axis=1)[:, :5]
+    hits = sum(len(set(a) & set(b)) for a, b in zip(found, exact, strict=True))
+    assert hits / exact.size >= 0.9

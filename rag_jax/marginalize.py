@@ -308,11 +308,13 @@ def _rag_token_vocab_stats(logits: Array, doc_lp: Array, targets: Array) -> tupl
     """Everything smoothed RAG-Token needs from the ``[B, K, T, V]`` logits, in one pass.
 
     Returns float32 ``(logsumexp [B,K,T], logits[target] [B,K,T], marginal [B,T,V],
-    posterior_mass [B,K,T])``, where ``marginal = log p'(v|x,y_<t)`` is RAG-Token's marginal
-    and ``posterior_mass[k] = Σ_v p(z_k|x,y_<t,y_t=v)``, a sum over V that its gradient needs.
+    posterior_mass [B,K,T], ratio_form_ok [])``, where ``marginal = log p'(v|x,y_<t)`` is
+    RAG-Token's marginal and ``posterior_mass[k] = Σ_v p(z_k|x,y_<t,y_t=v)``, a sum over V that
+    its gradient needs. ``ratio_form_ok`` says whether the gradient may use the ratio form
+    (see :func:`_rag_token_ratio_stats`).
     """
 
-    def stats(logits, doc_lp, targets, row_max, for_cpu):  # [B,K,t,V], [B,K], [B,t], [B,K,t]
+    def log_space_stats(logits, doc_lp, targets, row_max, for_cpu):  # [B,K,t,V], [B,K], ...
         logits = logits.astype(jnp.float32)
         log_normaliser = _logsumexp_over_vocab(logits, row_max.astype(jnp.float32), for_cpu)
         target_logits = jnp.take_along_axis(logits, targets[:, None, :, None], axis=-1)[..., 0]
@@ -322,8 +324,46 @@ def _rag_token_vocab_stats(logits: Array, doc_lp: Array, targets: Array) -> tupl
         return log_normaliser, target_logits, marginal, _sum_over_vocab(posterior, for_cpu)
 
     chunk = _CHUNK_ELEMENTS // (logits.shape[0] * logits.shape[1] * logits.shape[-1])
+    chunking = dict(in_axes=(2, None, 1, 2), out_axes=(2, 2, 1, 2), chunk=chunk)
     arrays = (logits, doc_lp, targets, jnp.max(logits, axis=-1))
-    return _on_cpu_in_chunks(stats, arrays, (2, None, 1, 2), (2, 2, 1, 2), chunk)
+
+    def on_cpu(*arrays):
+        ratio_form = _in_chunks(_rag_token_ratio_stats, *arrays, **chunking)
+        ok = jnp.all(ratio_form[2] >= _LOG_MIN_MARGINAL)  # NaN compares False, too
+        log_space = lambda: (*_in_chunks(log_space_stats, *arrays, **chunking), ok)  # noqa: E731
+        return jax.lax.cond(ok, lambda: (*ratio_form, ok), log_space)
+
+    def default(*arrays):
+        return (*log_space_stats(*arrays, for_cpu=False), jnp.asarray(False))
+
+    return jax.lax.platform_dependent(*arrays, cpu=on_cpu, default=default)
+
+
+# Below this marginal log-probability the ratio form would divide by a sum of underflowed terms.
+_LOG_MIN_MARGINAL = -69.0  # log(1e-30)
+
+
+def _rag_token_ratio_stats(logits, doc_lp, targets, row_max, for_cpu):
+    """CPU form of ``_rag_token_vocab_stats``'s statistics with one ``exp`` per entry.
+
+    With ``e_k(v) = exp(logits_k(v) - max_k)`` and ``S_k = Σ_v e_k(v)``, the joint
+    probabilities are ``c_k e_k(v)`` with ``c_k = p(z_k|x) / S_k``, so the marginal is
+    ``p'(v) = Σ_k c_k e_k(v)`` and the posterior mass ``Σ_v c_k e_k(v) / p'(v)``: sums and
+    products of ``e``, where the log-space form takes three ``exp`` per entry. Exact as long
+    as no ``p'(v)`` is tiny (the caller checks ``log p'(v) >= _LOG_MIN_MARGINAL`` everywhere
+    and otherwise recomputes in log space): then no term that matters has underflowed.
+    """
+    logits = logits.astype(jnp.float32)
+    shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0).astype(jnp.float32)
+    scaled = jnp.exp(logits - shift[..., None])  # e_k(v), (B, K, t, V)
+    total = _sum_over_vocab(scaled, for_cpu)  # S_k, (B, K, t)
+    target_logits = jnp.take_along_axis(logits, targets[:, None, :, None], axis=-1)[..., 0]
+    weights = jnp.exp(doc_lp)[:, :, None] / total  # c_k, (B, K, t)
+    n_docs = logits.shape[1]
+    terms = [weights[:, k, :, None] * scaled[:, k] for k in range(n_docs)]
+    mixture = functools.reduce(jnp.add, terms)  # p'(v), (B, t, V)
+    posterior_mass = weights * _sum_over_vocab(scaled / mixture[:, None], for_cpu)
+    return jnp.log(total) + shift, target_logits, jnp.log(mixture), posterior_mass
 
 
 # The two functions below have hand-written VJPs for memory, not for speed: left to autodiff,
@@ -374,23 +414,32 @@ def _rag_token_stats(logits: Array, doc_lp: Array, targets: Array) -> tuple[Arra
 
 
 def _rag_token_stats_fwd(logits, doc_lp, targets):
-    log_normaliser, target_logits, marginal, posterior_mass = _rag_token_vocab_stats(
+    log_normaliser, target_logits, marginal, posterior_mass, ratio_form_ok = _rag_token_vocab_stats(
         logits, doc_lp, targets
     )
     outputs = (target_logits - log_normaliser, jnp.sum(marginal, axis=-1))
-    return outputs, (logits, doc_lp, targets, log_normaliser, marginal, posterior_mass)
+    residuals = (logits, doc_lp, targets, log_normaliser, marginal, posterior_mass, ratio_form_ok)
+    return outputs, residuals
 
 
 def _rag_token_stats_bwd(residuals, cotangents):
-    logits, doc_lp, targets, log_normaliser, marginal, posterior_mass = residuals
+    logits, doc_lp, targets, log_normaliser, marginal, posterior_mass, ratio_form_ok = residuals
     d_target, d_vocab_sum = cotangents  # (B, K, T), (B, T)
-    log_softmax = logits.astype(jnp.float32) - log_normaliser[..., None]  # (B, K, T, V)
-    # posterior[b,k,t,v] = p(z_k | x, y_<t, y_t = v): d marginal[v] / d log p(v|z_k).
-    posterior = jnp.exp(doc_lp[:, :, None, None] + log_softmax - marginal[:, None])
-    softmax = jnp.exp(log_softmax)
-    grad = -d_target[..., None] * softmax + d_vocab_sum[:, None, :, None] * (
-        posterior - softmax * posterior_mass[..., None]
-    )
+
+    def logits_grad(ratio_form: bool):  # each branch of the cond one fused pass over [B, K, T, V]
+        log_softmax = logits.astype(jnp.float32) - log_normaliser[..., None]  # (B, K, T, V)
+        softmax = jnp.exp(log_softmax)
+        # posterior[b,k,t,v] = p(z_k | x, y_<t, y_t = v): d marginal[v] / d log p(v|z_k).
+        if ratio_form:  # p(z_k|x) softmax_k(v) / p'(v): one exp per entry instead of two
+            inverse_marginal = jnp.exp(-marginal)  # (B, T, V), at most 1e30 (checked)
+            posterior = jnp.exp(doc_lp)[:, :, None, None] * softmax * inverse_marginal[:, None]
+        else:
+            posterior = jnp.exp(doc_lp[:, :, None, None] + log_softmax - marginal[:, None])
+        return -d_target[..., None] * softmax + d_vocab_sum[:, None, :, None] * (
+            posterior - softmax * posterior_mass[..., None]
+        )
+
+    grad = jax.lax.cond(ratio_form_ok, lambda: logits_grad(True), lambda: logits_grad(False))
     grad = _add_at_targets(grad, targets[:, None], d_target)
     d_doc_lp = jnp.sum(d_vocab_sum[:, None, :] * posterior_mass, axis=-1)  # (B, K)
     return grad.astype(logits.dtype), d_doc_lp.astype(doc_lp.dtype), None

@@ -250,6 +250,32 @@ def test_reference_parity(model_cls, B, K, T, V, epsilon, padded_doc, path, monk
     np.testing.assert_allclose(dscores, ref_dscores, atol=1e-5)
 
 
+@pytest.mark.parametrize("gap", [57.0, 100.0, 1e4])
+@pytest.mark.parametrize("path", ["cpu", "cpu-small-chunks", "fused"])
+def test_smoothed_token_with_improbable_vocabulary_entries(gap, path, monkeypatch):
+    """Smoothed RAG-Token sums log p'(v) over every v, improbable ones included. On CPU it
+    first computes p'(v) as a sum of probabilities (one exp per entry) and falls back to log
+    space where some p'(v) < 1e-30: entries at log p' ~ -57 (first form) and ~ -100 or
+    below (fallback), against the float64 reference, values and gradients."""
+    B, K, T, V = 2, 3, 4, 20
+    use_code_path(path, (2 * B * K + 1) * V, monkeypatch)
+    logits, doc_scores, targets, target_mask = random_batch(8, B, K, T, V, min_len=2)
+    logits[1, :, 2, 0] = logits[1, :, 2].max(axis=-1) - gap  # token 0 improbable under all docs
+    ref_loss, ref_dlogits, ref_dscores = reference_nll(
+        RagTokenForGeneration, logits, doc_scores, targets, target_mask, 0.1
+    )
+
+    def loss_fn(lg, sc):
+        return mg.rag_token_nll(lg, sc, targets, target_mask, label_smoothing=0.1).sum()
+
+    args = (jnp.asarray(logits, jnp.float32), jnp.asarray(doc_scores, jnp.float32))
+    ours = mg.rag_token_nll(*args, targets, target_mask, label_smoothing=0.1)
+    dlogits, dscores = jax.jit(jax.grad(loss_fn, argnums=(0, 1)))(*args)
+    np.testing.assert_allclose(ours, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(dlogits, ref_dlogits, atol=1e-5)
+    np.testing.assert_allclose(dscores, ref_dscores, atol=1e-5)
+
+
 def test_sequence_prior_counts_once_where_the_reference_drops_it():
     """One-token targets: the reference adds the prior at position 1, which is padding here,
     so its loss ignores the retriever entirely. The paper's eq. 1 keeps it; so do we."""

@@ -349,9 +349,10 @@ def _rag_token_ratio_stats(logits, doc_lp, targets, row_max, for_cpu):
     With ``e_k(v) = exp(logits_k(v) - max_k)`` and ``S_k = Σ_v e_k(v)``, the joint
     probabilities are ``c_k e_k(v)`` with ``c_k = p(z_k|x) / S_k``, so the marginal is
     ``p'(v) = Σ_k c_k e_k(v)`` and the posterior mass ``Σ_v c_k e_k(v) / p'(v)``: sums and
-    products of ``e``, where the log-space form takes three ``exp`` per entry. Exact as long
-    as no ``p'(v)`` is tiny (the caller checks ``log p'(v) >= _LOG_MIN_MARGINAL`` everywhere
-    and otherwise recomputes in log space): then no term that matters has underflowed.
+    products of ``e``, where the log-space form takes three ``exp`` per entry. As accurate as
+    that form as long as no ``p'(v)`` is tiny (the caller checks ``log p'(v) >=
+    _LOG_MIN_MARGINAL`` everywhere and otherwise recomputes in log space): then no term that
+    matters has underflowed.
     """
     logits = logits.astype(jnp.float32)
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0).astype(jnp.float32)

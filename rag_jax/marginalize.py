@@ -164,7 +164,10 @@ def _add_at_targets(grad: Array, targets: Array, values: Array) -> Array:
 # vectorised and a matrix-vector product with ones sums at BLAS speed. So on CPU the
 # statistics below are computed a cache-sized chunk at a time, summing over V with a product
 # with ones (measured 3-4x faster at B=8, K=5, T=32, V=50265). Other platforms run the same
-# function once over the whole array with plain sums, which XLA fuses.
+# function once over the whole array with plain sums, which XLA fuses. On CPU the chunks also
+# take forms with fewer passes or fewer exp() than the textbook ones, each checked at run time
+# and recomputed the textbook way where it would lose accuracy (see _vocab_stats and
+# _rag_token_ratio_stats).
 _CHUNK_ELEMENTS = 1 << 20  # 4 MiB of float32 per chunk
 
 
@@ -203,15 +206,6 @@ def _logsumexp_over_vocab(logits: Array, row_max: Array, for_cpu: bool) -> Array
     """
     shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)[..., None]
     return jnp.log(_sum_over_vocab(jnp.exp(logits - shift), for_cpu)) + shift[..., 0]
-
-
-def _on_cpu_in_chunks(stats_fn, arrays: tuple, in_axes: tuple, out_axes: tuple, chunk: int):
-    """``stats_fn(*arrays, for_cpu=False)``, except on CPU: :func:`_in_chunks`."""
-    default = functools.partial(stats_fn, for_cpu=False)
-    in_chunks = functools.partial(
-        _in_chunks, stats_fn, in_axes=in_axes, out_axes=out_axes, chunk=chunk
-    )
-    return jax.lax.platform_dependent(*arrays, cpu=in_chunks, default=default)
 
 
 def _in_chunks(stats_fn, *arrays, in_axes: tuple, out_axes: tuple, chunk: int) -> tuple:

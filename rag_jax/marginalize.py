@@ -266,14 +266,15 @@ def _vocab_stats(logits: Array, targets: Array, with_logit_sum: bool) -> tuple:
         shifted = rows.astype(jnp.float32) - row_shift[:, None]
         return (jnp.log(_sum_over_vocab(jnp.exp(shifted), for_cpu)),)
 
+    def logsumexp_stats(rows, row_max, for_cpu):  # [R, V], [R] -> ([R],)
+        return (_logsumexp_over_vocab(rows.astype(jnp.float32), row_max, for_cpu),)
+
     def by_row_max(rows, for_cpu):
         row_max = jnp.max(rows, axis=-1).astype(jnp.float32)
-        shift = jnp.where(jnp.isfinite(row_max), row_max, 0.0)  # -inf rows give -inf, not NaN
         if for_cpu:
-            log_sum = _in_chunks(shifted_log_sum, rows, shift, **chunking)[0]
+            log_normaliser = _in_chunks(logsumexp_stats, rows, row_max, **chunking)[0]
         else:
-            log_sum = shifted_log_sum(rows, shift, for_cpu=False)[0]
-        log_normaliser = shift + log_sum
+            log_normaliser = logsumexp_stats(rows, row_max, for_cpu=False)[0]
         return log_normaliser, target_logits - log_normaliser
 
     def by_target_logit(rows):

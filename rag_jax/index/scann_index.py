@@ -4,8 +4,9 @@ Three stages: a k-means tree partitions the corpus into ``num_leaves`` leaves an
 only its ``leaves_to_search`` nearest; inside them, anisotropic asymmetric hashing (AH) scores
 every point from 4-bit codes (``dims_per_block`` dimensions per code) with in-register lookup
 tables; the best ``reorder_k`` are then re-scored against ScaNN's copy of the vectors (bfloat16
-by default). The k returned are scored once more in float32 against the stored embeddings, so
-their scores are exact. The defaults below give recall@10 >= 0.95 against exact search on our
+by default). Its best k (k + 4 with bfloat16, which may misorder near ties at the k-th place)
+are scored once more in float32 against the stored embeddings, and the best k by those exact
+scores are returned. The defaults below give recall@10 >= 0.95 against exact search on our
 tests and benchmark.
 """
 
@@ -26,6 +27,11 @@ _ASSETS_FILE = "scann_assets.pbtxt"
 # Below this many points partitioning and hashing buy nothing: score everything exactly.
 _BRUTE_FORCE_BELOW = 2048
 _REORDER_TYPES = {"float32": "FLOAT32", "bfloat16": "BFLOAT16"}  # ScaNN's ReorderType names
+# With bfloat16 re-scoring ScaNN's k-th and (k+1)-th candidates can be a near tie in the wrong
+# order, so the exact top k may reach one or two past ScaNN's k: at 1M x 768 recall@10 stopped
+# at 0.998 however many candidates were re-scored. Taking this many more and keeping the best k
+# by float32 score gave float32 re-scoring's recall (1.0000 at reorder 300; 2 more sufficed).
+_EXTRA_FOR_BFLOAT16 = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +58,11 @@ class ScannConfig:
         used for re-scoring. bfloat16 halves that copy (1.4 instead of 2.9 GiB at 1M x 768;
         32 instead of 64 GB for 21M Wikipedia passages) and, re-scoring being bound by memory,
         searches faster (1M x 768, 1 leaf, reorder 100: 1.16x / 1.13x whole searches at batch
-        1 / 256, ~1.3x for ScaNN's own part), for recall@10 0.994 instead of 0.995. The k
-        results are re-scored in float32 either way.
+        1 / 256, ~1.3x for ScaNN's own part), for recall@10 0.994 instead of 0.995. The
+        results are re-scored in float32 either way; with bfloat16, ScaNN's best k + 4 are,
+        and the best k by exact score kept, since bfloat16 misorders near ties at the k-th
+        place (at 1M x 768, 1 leaf: recall@10 0.9956 instead of 0.9937 at reorder 100, 1.0000
+        instead of 0.9978 at 300, where float32 re-scoring reaches 1.0000 too; 1-7% fewer q/s).
       spherical: spherical k-means (unit-norm centroids) for the partitions. It groups points by
         direction, as inner products do, instead of splitting a cluster by norm as L2 k-means
         does; on our clustered benchmark data it lifts recall@10 from ~0.95 to 1.0 at equal cost.
@@ -185,48 +194,54 @@ class ScannIndex:
             raise ValueError(f"k must be in [1, {self.n_docs}], got {k}")
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         leaves = leaves_to_search or self.config.leaves_to_search
-        reorder = max(k, reorder_k or self.config.reorder_k)
+        # Candidates taken from ScaNN: k, and a few more when it ranks them by bfloat16 scores.
+        fetch = k
+        if self.config.reorder_dtype == "bfloat16" and not self.config.brute_force:
+            fetch = min(k + _EXTRA_FOR_BFLOAT16, self.n_docs)
+        reorder = max(fetch, reorder_k or self.config.reorder_k)
         if self.config.brute_force:
             leaves, reorder = -1, -1  # ScaNN's "use the searcher's own setting"
         if len(queries) == 1:
             # The single-query call skips ScaNN's batch machinery (~1.3x q/s), and our
             # post-processing stays 1-D: at 1M x 768 a query takes ~300 us, and the 2-D path's
             # extra NumPy calls cost ~60 us of it.
-            ids, _ = self.searcher.search(queries[0], k, reorder, leaves)
+            ids, _ = self.searcher.search(queries[0], fetch, reorder, leaves)
             return self._rescore_one(ids.astype(np.intp), queries[0], k)
         # ScaNN hands each thread whole sub-batches of batch_size queries: at its default (256)
         # a batch of 256 ran on one core (measured 4.4k -> 7.8k q/s at 1M x 768 on 2).
         per_thread = min(256, -(-len(queries) // _available_cpus()))
         ids, scann_scores = self.searcher.search_batched_parallel(
-            queries, k, reorder, leaves, batch_size=per_thread
+            queries, fetch, reorder, leaves, batch_size=per_thread
         )
         # Batched search pads short rows with id 0 and a NaN score; mark those missing.
         ids = np.where(np.isnan(scann_scores), -1, ids.astype(np.int64))
-        ids = _pad_to_k(np.asarray(ids), k)
+        ids = _pad_to_k(np.asarray(ids), fetch)
         vectors = np.asarray(np.take(self.embeddings, np.maximum(ids, 0), axis=0), np.float32)
         # ScaNN's scores come from its (bfloat16) copy; the returned ones are exact float32.
-        scores = np.matmul(vectors, queries[:, :, None])[..., 0]  # (B, k)
+        scores = np.matmul(vectors, queries[:, :, None])[..., 0]  # (B, fetch)
         if ids.min() < 0:
             vectors[ids < 0] = 0.0
             scores[ids < 0] = -np.inf
-        unsorted = scores[:, 1:] > scores[:, :-1]
-        if unsorted.any():
-            # bfloat16 swaps near ties (in ~1 query of 3 at 1M): re-order those rows in place.
-            # (take_along_axis would build (B, k, H) index arrays: 17 ms of a 40 ms batch of
-            # 256 at 1M x 768.)
-            rows = np.flatnonzero(unsorted.any(axis=1))
-            cols = np.argsort(-scores[rows], axis=1, kind="stable")
-            ids[rows], scores[rows] = ids[rows[:, None], cols], scores[rows[:, None], cols]
-            vectors[rows] = vectors[rows[:, None], cols]
-        return SearchResult(ids, scores, vectors)
+        # Keep the k best by exact score, in descending order. Most rows already are (bfloat16
+        # swaps near ties in ~1 query of 3 at 1M), so only the others are rearranged, by fancy
+        # indexing of those rows (take_along_axis would build (B, k, H) index arrays: 17 ms of
+        # a 40 ms batch of 256 at 1M x 768).
+        top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        rows = np.flatnonzero((top != np.arange(k)).any(axis=1))
+        if rows.size:
+            cols = top[rows]
+            ids[rows, :k], scores[rows, :k] = ids[rows[:, None], cols], scores[rows[:, None], cols]
+            vectors[rows, :k] = vectors[rows[:, None], cols]
+        return SearchResult(ids[:, :k], scores[:, :k], vectors[:, :k])
 
     def _rescore_one(self, ids: np.ndarray, query: np.ndarray, k: int) -> SearchResult:
-        """The single-query case of :meth:`search`'s re-scoring, ids (n <= k,) found by ScaNN."""
+        """The single-query case of :meth:`search`'s re-scoring: ids (n <= fetch,) from ScaNN."""
         vectors = np.asarray(np.take(self.embeddings, ids, axis=0), np.float32)  # (n, H)
         scores = vectors @ query  # exact float32, as in the batched path
         if len(ids) > 1 and (scores[1:] > scores[:-1]).any():  # a near tie swapped by bfloat16
             order = np.argsort(-scores, kind="stable")
             ids, scores, vectors = ids[order], scores[order], vectors[order]
+        ids, scores, vectors = ids[:k], scores[:k], vectors[:k]
         if len(ids) < k:  # ScaNN found fewer than k candidates
             missing = k - len(ids)
             ids = np.pad(ids, (0, missing), constant_values=-1)

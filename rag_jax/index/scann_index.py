@@ -53,7 +53,8 @@ class ScannConfig:
         queries.
       reorder_k: candidates re-scored against full vectors (recall@10 on 1M x 768 clustered
         synthetic data, 1 leaf searched, bfloat16: 0.967 at 60, 0.994 at 100; on MiniLM
-        embeddings of 10k Wikipedia leads the partitions limit recall, not this).
+        embeddings of 10k Wikipedia leads the partitions limit recall, not this). A search for
+        k results re-scores at least k (k + 4 with bfloat16, see ``reorder_dtype``).
       reorder_dtype: ``"bfloat16"`` or ``"float32"``, the type of ScaNN's copy of the vectors
         used for re-scoring. bfloat16 halves that copy (1.4 instead of 2.9 GiB at 1M x 768;
         32 instead of 64 GB for 21M Wikipedia passages) and, re-scoring being bound by memory,

@@ -236,7 +236,7 @@ class ScannIndex:
         return SearchResult(ids[:, :k], scores[:, :k], vectors[:, :k])
 
     def _rescore_one(self, ids: np.ndarray, query: np.ndarray, k: int) -> SearchResult:
-        """The single-query case of :meth:`search`'s re-scoring: ids (n <= fetch,) from ScaNN."""
+        """The single-query case of :meth:`search`'s re-scoring: the (n,) ids ScaNN found."""
         vectors = np.asarray(np.take(self.embeddings, ids, axis=0), np.float32)  # (n, H)
         scores = vectors @ query  # exact float32, as in the batched path
         if len(ids) > 1 and (scores[1:] > scores[:-1]).any():  # a near tie swapped by bfloat16

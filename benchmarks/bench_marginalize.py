@@ -8,23 +8,26 @@ The largest, because the measurement can only err low: now and then memory freed
 the baseline is still resident and gets reused, hiding part of the peak.
 
     python benchmarks/bench_marginalize.py [--label-smoothing 0.1] [--repeats 7]
+    python benchmarks/bench_marginalize.py --quick   # tiny shapes: checks that it runs
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import json
-import statistics
-import subprocess
 import sys
-import time
-import types
+from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.oracles, benchmarks.*
+from benchmarks.timing import (
+    interleaved_medians,
+    max_peak_in_subprocesses,
+    peak_memory_mib,
+    print_peak,
+)
+
 CASES = [("sequence", "ours"), ("sequence", "reference"), ("token", "ours"), ("token", "reference")]
-PAD = 1
 
 
 def make_inputs(B: int, K: int, T: int, V: int, seed: int = 0):
@@ -62,14 +65,11 @@ def reference_step(model: str, logits, doc_scores, targets, target_mask, label_s
     import torch
     from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
+    from tests.oracles import PAD, transformers_get_nll
+
     torch.set_num_threads(2)
-    cls = RagSequenceForGeneration if model == "sequence" else RagTokenForGeneration
+    model_cls = RagSequenceForGeneration if model == "sequence" else RagTokenForGeneration
     B, K, T, V = logits.shape
-    generator = types.SimpleNamespace(pad_token_id=PAD, bos_token_id=None)
-    fake_self = types.SimpleNamespace(
-        config=types.SimpleNamespace(n_docs=K, bos_token_id=None, generator=generator)
-    )
-    fake_self.marginalize = lambda *a, **k: RagTokenForGeneration.marginalize(fake_self, *a, **k)
     # The reference shifts its decoder inputs left by one; same tensor sizes, same work.
     decoder_inputs = torch.tensor(np.where(target_mask, targets, PAD))
     seq_logits = torch.from_numpy(logits.reshape(B * K, T, V)).requires_grad_()
@@ -77,7 +77,9 @@ def reference_step(model: str, logits, doc_scores, targets, target_mask, label_s
 
     def run():
         seq_logits.grad = scores.grad = None
-        loss = cls.get_nll(fake_self, seq_logits, scores, decoder_inputs, epsilon=label_smoothing)
+        loss = transformers_get_nll(
+            model_cls, seq_logits, scores, decoder_inputs, epsilon=label_smoothing
+        )
         loss.sum().backward()
         return seq_logits.grad, scores.grad
 
@@ -87,41 +89,22 @@ def reference_step(model: str, logits, doc_scores, targets, target_mask, label_s
 STEPS = {"ours": ours_step, "reference": reference_step}
 
 
-def rss_mb(field: str) -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure_peak(args) -> None:
-    """Child process: peak memory above the inputs for one case, printed as JSON."""
+    """Child process: peak memory above the inputs for one case, printed for the parent."""
     model, impl = args.child.split(":")
     inputs = make_inputs(args.B, args.K, args.T, args.V)
     run, _ = STEPS[impl](model, *inputs, args.label_smoothing)
-    del inputs
-    ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed input copies back to the OS
-    # Reset the high-water mark: building the inputs may have held two copies for a moment.
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-    baseline = rss_mb("VmRSS")
-    gradients = run()  # kept alive while reading the high-water mark
-    print(json.dumps({"peak_above_inputs_mb": rss_mb("VmHWM") - baseline}))
-    del gradients
+    del inputs  # run holds its own copies; these numpy ones are freed before the baseline
+    print_peak(peak_memory_mib(run))
 
 
-def peak_in_subprocess(args, model: str, impl: str) -> float:
-    child = subprocess.run(
-        [sys.executable, __file__, "--child", f"{model}:{impl}"]
-        + [f"--{k}={getattr(args, k)}" for k in ("B", "K", "T", "V")]
-        + [f"--label-smoothing={args.label_smoothing}"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return json.loads(child.stdout.strip().splitlines()[-1])["peak_above_inputs_mb"]
+def child_command(args, model: str, impl: str) -> list[str]:
+    shape = [f"--{k}={getattr(args, k)}" for k in ("B", "K", "T", "V")]
+    return [sys.executable, __file__, "--child", f"{model}:{impl}", *shape,
+            f"--label-smoothing={args.label_smoothing}"]  # fmt: skip
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--B", type=int, default=8)
     parser.add_argument("--K", type=int, default=5)
@@ -130,37 +113,43 @@ def main() -> None:
     parser.add_argument("--label-smoothing", type=float, default=0.0)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per case")
+    parser.add_argument("--quick", action="store_true", help="B=2 K=2 T=4 V=100, 2 repeats")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        return measure_peak(args)
+    if args.quick:
+        args.B, args.K, args.T, args.V, args.repeats, args.memory_repeats = 2, 2, 4, 100, 2, 1
+    return args
 
-    inputs = make_inputs(args.B, args.K, args.T, args.V)
-    print(f"B={args.B} K={args.K} T={args.T} V={args.V} label_smoothing={args.label_smoothing}")
-    runs = {case: STEPS[case[1]](case[0], *inputs, args.label_smoothing)[0] for case in CASES}
-    for run in runs.values():
-        run()  # warm-up (and compilation, for ours)
-    times = {case: [] for case in CASES}
-    for _ in range(args.repeats):  # interleaved, so a change in machine load hits every case
-        for case, run in runs.items():
-            start = time.perf_counter()
-            run()
-            times[case].append(time.perf_counter() - start)
-    del runs
-    results = {}
-    for model, impl in CASES:
-        peaks = [peak_in_subprocess(args, model, impl) for _ in range(args.memory_repeats)]
-        results[model, impl] = (statistics.median(times[model, impl]), max(peaks))
 
+def print_tables(seconds: dict, peaks: dict) -> None:
     print("\n| loss | impl | median value+grad (s) | peak memory above inputs (MiB) |")
     print("|---|---|---:|---:|")
-    for (model, impl), (seconds, peak) in results.items():
-        print(f"| rag_{model}_nll | {impl} | {seconds:.3f} | {peak:.0f} |")
+    for model, impl in CASES:
+        print(
+            f"| rag_{model}_nll | {impl} | {seconds[model, impl]:.3f} | {peaks[model, impl]:.0f} |"
+        )
     print("\n| loss | speed-up (reference / ours) | memory (ours / reference) |")
     print("|---|---:|---:|")
     for model in ("sequence", "token"):
-        (t_ours, m_ours), (t_ref, m_ref) = results[model, "ours"], results[model, "reference"]
-        print(f"| rag_{model}_nll | {t_ref / t_ours:.1f}x | {m_ours / m_ref:.2f} |")
+        speed_up = seconds[model, "reference"] / seconds[model, "ours"]
+        memory = peaks[model, "ours"] / peaks[model, "reference"]
+        print(f"| rag_{model}_nll | {speed_up:.1f}x | {memory:.2f} |")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child:
+        return measure_peak(args)
+    inputs = make_inputs(args.B, args.K, args.T, args.V)
+    print(f"B={args.B} K={args.K} T={args.T} V={args.V} label_smoothing={args.label_smoothing}")
+    runs = {case: STEPS[case[1]](case[0], *inputs, args.label_smoothing)[0] for case in CASES}
+    seconds = interleaved_medians(runs, args.repeats)
+    del runs
+    peaks = {
+        case: max_peak_in_subprocesses(child_command(args, *case), args.memory_repeats)
+        for case in CASES
+    }
+    print_tables(seconds, peaks)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Forward throughput of our jitted BERT and BART against transformers' PyTorch eager models.
 
-Both sides get the same random weights (the torch model is saved to a temporary Hugging Face
-checkpoint and read back with our loaders) and the same padded batch. Runs of ours and of torch
-alternate, so that load from other processes hits both alike; the table reports the median.
+Both sides get the same random weights (``tests.oracles``' model, saved to a temporary Hugging
+Face checkpoint and read back with our loaders) and the same padded batch. Runs of ours and of
+torch alternate, so that load from other processes hits both alike; the table reports the median.
 
     .venv/bin/python benchmarks/bench_models.py            # BERT-base and BART-base, CPU
     .venv/bin/python benchmarks/bench_models.py --runs 3   # quicker
     .venv/bin/python benchmarks/bench_models.py --dtype bfloat16   # both sides compute in bf16
+    .venv/bin/python benchmarks/bench_models.py --tiny     # tiny models: checks that it runs
 
 torch runs under torch.inference_mode() with torch.set_num_threads(--threads) (default 2, this
 machine's core count); JAX uses the same CPU cores through XLA. With ``--dtype bfloat16`` both
@@ -17,9 +18,9 @@ the max abs diff is then against torch in float32, for both sides (ours / torch'
 
 import argparse
 import os
-import statistics
+import sys
 import tempfile
-import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,12 +28,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-import transformers
 from flax import nnx
-from tqdm import tqdm
 
 from rag_jax.models.bart import load_bart
 from rag_jax.models.bert import load_bert_encoder
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.oracles, benchmarks.*
+from benchmarks.timing import interleaved_medians
+from tests.oracles import (
+    BART_BASE,
+    BERT_BASE,
+    TINY_BART,
+    TINY_BERT,
+    bart_config,
+    bert_config,
+    random_model,
+)
 
 
 def padded_batch(rng: np.random.Generator, batch: int, length: int, vocab: int, pad: int):
@@ -60,22 +71,6 @@ def jitted(model: nnx.Module, method: str, param_dtype=None):
     return lambda *args: run(state, *args)
 
 
-def time_pair(ours, reference, runs: int, warmup: int, label: str):
-    """Alternates ours() and reference() runs; returns their median seconds."""
-    for _ in range(warmup):
-        jax.block_until_ready(ours())
-        reference()
-    ours_times, reference_times = [], []
-    for _ in tqdm(range(runs), desc=label, unit="run"):
-        start = time.perf_counter()
-        jax.block_until_ready(ours())
-        ours_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        reference()
-        reference_times.append(time.perf_counter() - start)
-    return statistics.median(ours_times), statistics.median(reference_times)
-
-
 def _max_diffs(ours_output, reference, run_reference, args) -> str:
     """Max abs diff to torch in float32; in bf16 mode for ours and for torch in bf16."""
     exact = run_reference().float().numpy()  # the model is still float32 here
@@ -86,17 +81,15 @@ def _max_diffs(ours_output, reference, run_reference, args) -> str:
     return f"{ours_diff:.1e} / {np.abs(run_reference().float().numpy() - exact).max():.1e}"
 
 
-def bench_bert(args, directory: str):
-    config = transformers.BertConfig()  # bert-base: 12 layers, hidden 768, 12 heads, vocab 30522
-    torch.manual_seed(0)
-    reference = transformers.BertModel(config).eval()
+def bench_bert(args, directory: Path):
+    reference = random_model(bert_config(**args.bert_size))
     reference.save_pretrained(directory)
-    ours = jitted(
-        load_bert_encoder(directory, dtype=args.jax_dtype).bert, "__call__", args.param_dtype
-    )
+    encoder = load_bert_encoder(directory, dtype=args.jax_dtype)
+    ours = jitted(encoder.bert, "__call__", args.param_dtype)
 
     rng = np.random.default_rng(0)
-    ids, mask = padded_batch(rng, args.batch, args.bert_len, config.vocab_size, config.pad_token_id)
+    V, pad = reference.config.vocab_size, reference.config.pad_token_id
+    ids, mask = padded_batch(rng, args.batch, args.bert_len, V, pad)
     jax_args = (jnp.asarray(ids), jnp.asarray(mask))
     torch_args = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
 
@@ -105,27 +98,19 @@ def bench_bert(args, directory: str):
             return reference(**torch_args).last_hidden_state
 
     max_diff = _max_diffs(ours(*jax_args)[0], reference, run_reference, args)
-    seconds = time_pair(lambda: ours(*jax_args), run_reference, args.runs, args.warmup, "BERT")
-    return "BERT-base encoder", f"B={args.batch}, T={args.bert_len}", ids.size, seconds, max_diff
+    runs = {"ours": lambda: jax.block_until_ready(ours(*jax_args)), "torch": run_reference}
+    seconds = interleaved_medians(runs, args.runs, args.warmup, desc="BERT")
+    name = f"BERT-{args.size} encoder"
+    return name, f"B={args.batch}, T={args.bert_len}", ids.size, seconds, max_diff
 
 
-def bench_bart(args, directory: str):
-    config = transformers.BartConfig(  # bart-base
-        d_model=768,
-        encoder_layers=6,
-        decoder_layers=6,
-        encoder_attention_heads=12,
-        decoder_attention_heads=12,
-        encoder_ffn_dim=3072,
-        decoder_ffn_dim=3072,
-    )
-    torch.manual_seed(0)
-    reference = transformers.BartForConditionalGeneration(config).eval()
+def bench_bart(args, directory: Path):
+    reference = random_model(bart_config(**args.bart_size))
     reference.save_pretrained(directory)
     ours = jitted(load_bart(directory, dtype=args.jax_dtype), "__call__", args.param_dtype)
 
     rng = np.random.default_rng(1)
-    V, pad = config.vocab_size, config.pad_token_id
+    V, pad = reference.config.vocab_size, reference.config.pad_token_id
     ids, mask = padded_batch(rng, args.batch, args.src_len, V, pad)
     decoder_ids, decoder_mask = padded_batch(rng, args.batch, args.tgt_len, V, pad)
     arrays = (ids, mask, decoder_ids, decoder_mask)
@@ -138,12 +123,14 @@ def bench_bart(args, directory: str):
             return reference(**torch_args).logits
 
     max_diff = _max_diffs(ours(*jax_args), reference, run_reference, args)
-    seconds = time_pair(lambda: ours(*jax_args), run_reference, args.runs, args.warmup, "BART")
+    runs = {"ours": lambda: jax.block_until_ready(ours(*jax_args)), "torch": run_reference}
+    seconds = interleaved_medians(runs, args.runs, args.warmup, desc="BART")
     shape = f"B={args.batch}, src={args.src_len}, tgt={args.tgt_len}"
-    return "BART-base seq2seq (logits)", shape, ids.size + decoder_ids.size, seconds, max_diff
+    name = f"BART-{args.size} seq2seq (logits)"
+    return name, shape, ids.size + decoder_ids.size, seconds, max_diff
 
 
-def main():
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--bert-len", type=int, default=128)
@@ -154,34 +141,48 @@ def main():
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--only", choices=["bert", "bart"], default=None)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--tiny", action="store_true", help="tiny models, batch 2, 2 runs")
     args = parser.parse_args()
+    args.size, args.bert_size, args.bart_size = "base", BERT_BASE, BART_BASE
+    if args.tiny:
+        args.size, args.bert_size, args.bart_size = "tiny", TINY_BERT, TINY_BART
+        args.batch, args.bert_len, args.src_len, args.tgt_len = 2, 16, 16, 8
+        args.runs, args.warmup = 2, 1
     args.jax_dtype = jnp.dtype(args.dtype)
     # In bf16 mode torch's model.to(torch.bfloat16) stores bf16 weights, so ours do too (our
     # models keep float32 params for training; the cast happens once, outside the timing).
     args.param_dtype = None if args.dtype == "float32" else args.jax_dtype
-    torch.set_num_threads(args.threads)
+    return args
 
-    rows = []
-    with tempfile.TemporaryDirectory() as directory:
-        if args.only in (None, "bert"):
-            rows.append(bench_bert(args, os.path.join(directory, "bert")))
-        if args.only in (None, "bart"):
-            rows.append(bench_bart(args, os.path.join(directory, "bart")))
 
+def print_table(rows: list, args: argparse.Namespace) -> None:
     print(
         f"\njax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
         f"eager, torch threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
         f"median of {args.runs} alternating runs after {args.warmup} warm-up, "
         f"compute dtype {args.dtype}\n"
     )
-    header = "| model | batch | ours tokens/s | torch tokens/s | ours / torch | max abs diff |"
-    print(header)
+    print("| model | batch | ours tokens/s | torch tokens/s | ours / torch | max abs diff |")
     print("|---|---|---:|---:|---:|---:|")
-    for name, shape, tokens, (ours_s, torch_s), max_diff in rows:
+    for name, shape, tokens, seconds, max_diff in rows:
+        ours_s, torch_s = seconds["ours"], seconds["torch"]
         print(
             f"| {name} | {shape} | {tokens / ours_s:,.0f} | {tokens / torch_s:,.0f} "
             f"| {torch_s / ours_s:.2f}x | {max_diff} |"
         )
+
+
+def main():
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    benches = {"bert": bench_bert, "bart": bench_bart}
+    with tempfile.TemporaryDirectory() as directory:
+        rows = [
+            bench(args, Path(directory) / name)
+            for name, bench in benches.items()
+            if args.only in (None, name)
+        ]
+    print_table(rows, args)
 
 
 if __name__ == "__main__":

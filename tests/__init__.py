@@ -1,0 +1,1 @@
+"""rag_jax's tests; a package so that benchmarks can import tests.oracles too."""

@@ -2,6 +2,7 @@
 
 from rag_jax.marginalize import (
     doc_log_probs,
+    has_documents,
     rag_sequence_log_likelihood,
     rag_sequence_nll,
     rag_token_log_likelihood,
@@ -14,6 +15,7 @@ from rag_jax.marginalize import (
 
 __all__ = [
     "doc_log_probs",
+    "has_documents",
     "rag_sequence_log_likelihood",
     "rag_sequence_nll",
     "rag_token_log_likelihood",

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
+from rag_jax import _vocab_stats
 from rag_jax import marginalize as mg
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -204,7 +205,7 @@ def use_code_path(path: str, small_chunk_elements: int, monkeypatch) -> None:
     "fused": the plain fused reductions that GPUs and TPUs run, forced here on the CPU.
     """
     if path == "cpu-small-chunks":
-        monkeypatch.setattr(mg, "_CHUNK_ELEMENTS", small_chunk_elements)
+        monkeypatch.setattr(_vocab_stats, "CHUNK_ELEMENTS", small_chunk_elements)
     elif path == "fused":
         monkeypatch.setattr(
             jax.lax, "platform_dependent", lambda *args, default, **_: default(*args)
@@ -566,3 +567,146 @@ def test_batch_sharded_over_devices_stays_sharded(fn, epsilon):
     np.testing.assert_allclose(value, expected_value, rtol=1e-5)
     np.testing.assert_allclose(d_logits, expected_d_logits, atol=1e-6)
     np.testing.assert_allclose(d_scores, expected_d_scores, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------
+# What the losses accept: shapes, masked and out-of-vocabulary ids, rows without documents.
+# ----------------------------------------------------------------------------------------
+
+LOSSES = [mg.rag_sequence_nll, mg.rag_token_nll]
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+def test_mismatched_shapes_raise_naming_the_parameter(fn):
+    logits, doc_scores, targets, mask = random_batch(1, 2, 3, 4, 7, min_len=1)
+    bad = {
+        "doc_scores": (logits, doc_scores[:, :1], targets, mask),  # [B,1] against K=3
+        "targets": (logits, doc_scores, targets[:, :3], mask),
+        "target_mask": (logits, doc_scores, targets, mask[:1]),
+        "logits": (logits[0], doc_scores, targets, mask),
+    }
+    for name, args in bad.items():
+        with pytest.raises(ValueError, match=name):
+            fn(*args)
+        with pytest.raises(ValueError, match=name):  # at trace time, too
+            jax.jit(fn)(*args)
+    with pytest.raises(ValueError, match="integer"):
+        fn(logits, doc_scores, targets.astype(np.float32), mask)
+
+
+def test_other_functions_check_shapes():
+    with pytest.raises(ValueError, match="doc_scores"):
+        mg.rag_token_log_probs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 1)))
+    with pytest.raises(ValueError, match="doc_log_prior"):
+        mg.rag_token_log_likelihood(jnp.zeros((2, 3, 4)), jnp.zeros((2, 1)), jnp.ones((2, 4)))
+    with pytest.raises(ValueError, match="target_mask"):
+        mg.rag_sequence_log_likelihood(jnp.zeros((2, 3, 4)), jnp.zeros((2, 3)), jnp.ones((2, 5)))
+    with pytest.raises(ValueError, match="doc_emb"):
+        mg.retriever_scores(jnp.zeros((2, 8)), jnp.zeros((2, 3, 6)))
+    with pytest.raises(ValueError, match="targets"):
+        mg.target_log_probs(jnp.zeros((2, 3, 5)), jnp.zeros((4,), int))
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize("epsilon", [-0.1, 1.0, 1.5])
+def test_label_smoothing_outside_unit_interval_is_an_error(fn, epsilon):
+    logits, doc_scores, targets, mask = random_batch(1, 2, 3, 4, 7, min_len=1)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        fn(logits, doc_scores, targets, mask, label_smoothing=epsilon)
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+@pytest.mark.parametrize("path", ["cpu", "fused"])
+def test_masked_positions_contribute_nothing_whatever_their_id(fn, epsilon, path, monkeypatch):
+    """Values and gradients equal those with id 0 at the masked positions (the ids the loss
+    ignores); the reference's own pad id must not matter either."""
+    use_code_path(path, 1 << 20, monkeypatch)
+    logits, doc_scores, targets, mask = random_batch(3, 3, 4, 5, 11, min_len=1)
+    mask[0, 1:] = False
+    clean = np.where(mask, targets, 0)
+    for junk in (-100, -1, 11, 10**6):
+        dirty = np.where(mask, targets, junk)
+        value, grads = loss_and_grad(
+            fn,
+            epsilon,
+            *map(jnp.asarray, (logits, doc_scores)),
+            jnp.asarray(dirty),
+            jnp.asarray(mask),
+        )
+        ref_value, ref_grads = loss_and_grad(
+            fn,
+            epsilon,
+            *map(jnp.asarray, (logits, doc_scores)),
+            jnp.asarray(clean),
+            jnp.asarray(mask),
+        )
+        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+        for g, ref_g in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(g, ref_g, atol=1e-7)
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_example_without_target_tokens_has_zero_loss_and_gradient(fn, epsilon):
+    logits, doc_scores, targets, mask = random_batch(4, 2, 3, 4, 9, min_len=1)
+    mask[1] = False
+    _, (dlogits, dscores) = loss_and_grad(
+        fn, epsilon, jnp.asarray(logits), jnp.asarray(doc_scores), targets, jnp.asarray(mask)
+    )
+    per_example = fn(
+        jnp.asarray(logits), jnp.asarray(doc_scores), targets, mask, label_smoothing=epsilon
+    )
+    assert float(per_example[1]) == 0.0
+    assert np.all(dlogits[1] == 0) and np.all(dscores[1] == 0)
+    assert float(per_example[0]) > 0
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+def test_out_of_vocabulary_targets_are_never_read_as_other_tokens(fn):
+    logits, doc_scores, targets, mask = random_batch(5, 2, 3, 4, 9, min_len=4)
+    for bad_id in (-1, -100, 9):
+        bad = targets.copy()
+        bad[1, 2] = bad_id
+        with pytest.raises(ValueError, match=r"targets\[1, 2\]"):
+            fn(logits, doc_scores, bad, mask)
+        jitted = jax.jit(fn)(jnp.asarray(logits), jnp.asarray(doc_scores), bad, mask)
+        assert np.isnan(jitted[1]) and np.isfinite(jitted[0])
+    lp = mg.target_log_probs(jnp.asarray(logits[0, 0]), jnp.array([-1, 9, 0, 8]))
+    assert np.isnan(lp[0]) and np.isnan(lp[1]) and np.all(np.isfinite(lp[2:]))
+
+
+@pytest.mark.parametrize("fn", LOSSES)
+@pytest.mark.parametrize("epsilon", [0.0, 0.1])
+def test_row_without_documents_is_finite_with_zero_gradients(fn, epsilon):
+    """All K documents padded: loss 0 and zero gradients for that row, the other rows exactly
+    as computed without it, and has_documents reports it."""
+    logits, doc_scores, targets, mask = random_batch(6, 3, 4, 5, 11, min_len=1)
+    doc_scores[1] = -np.inf
+    assert np.array_equal(mg.has_documents(doc_scores), [True, False, True])
+    value, (dlogits, dscores) = loss_and_grad(
+        fn, epsilon, jnp.asarray(logits), jnp.asarray(doc_scores), targets, jnp.asarray(mask)
+    )
+    keep = np.array([0, 2])
+    ref_value, (ref_dlogits, ref_dscores) = loss_and_grad(
+        fn,
+        epsilon,
+        jnp.asarray(logits[keep]),
+        jnp.asarray(doc_scores[keep]),
+        targets[keep],
+        jnp.asarray(mask[keep]),
+    )
+    np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+    assert np.all(dlogits[1] == 0) and np.all(dscores[1] == 0)
+    np.testing.assert_allclose(dlogits[keep], ref_dlogits, atol=1e-7)
+    np.testing.assert_allclose(dscores[keep], ref_dscores, atol=1e-7)
+    # A NaN score is not "no document": NaN propagates.
+    doc_scores[1] = np.nan
+    assert np.isnan(fn(logits, doc_scores, targets, mask, label_smoothing=epsilon)[1])
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(mg, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 2 and result.failed == 0

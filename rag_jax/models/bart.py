@@ -23,6 +23,9 @@ Two ways to run the decoder:
 Checkpoints: ``load_bart`` reads a Hugging Face ``BartForConditionalGeneration`` /
 ``MBartForConditionalGeneration`` directory or the generator half of a RAG checkpoint;
 ``save_bart`` writes one that transformers loads.
+
+The building blocks (dense, LayerNorm, attention, remat) are ``rag_jax.models.layers``, shared
+with BERT.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from rag_jax.models import precision
+from rag_jax.models import layers, precision
 from rag_jax.models.checkpoint import (
     CheckpointError,
     assign_params,
@@ -55,16 +58,6 @@ Array = jax.Array
 POSITION_OFFSET = 2
 # torch.nn.LayerNorm's default; HF BART configs have no field for it.
 LAYER_NORM_EPS = 1e-5
-
-_ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # torch's exact erf GELU
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "tanh": jnp.tanh,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,10 +87,10 @@ class BartConfig:
     forced_eos_token_id: int | None = 2
 
     def __post_init__(self):
-        if self.activation_function not in _ACTIVATIONS:
+        if self.activation_function not in layers.ACTIVATIONS:
             raise ValueError(
                 f"activation_function {self.activation_function!r} is not supported; "
-                f"choose one of {sorted(_ACTIVATIONS)}"
+                f"choose one of {sorted(layers.ACTIVATIONS)}"
             )
         for name in ("encoder", "decoder"):
             heads = getattr(self, f"{name}_attention_heads")
@@ -215,62 +208,8 @@ class Buffer(nnx.Variable):
     """A saved, non-trained array (torch's register_buffer), e.g. final_logits_bias."""
 
 
-_INIT = nnx.initializers.normal(0.02)  # BART's init_std
-
-
-def _dense(d_in: int, d_out: int, kernel_axes: tuple[str, str], dtype, rngs: nnx.Rngs):
-    """nnx.Linear whose kernel (d_in, d_out) and bias carry logical axes, e.g. (EMBED, MLP)."""
-    return nnx.Linear(
-        d_in,
-        d_out,
-        dtype=dtype,
-        dot_general=precision.dot_general,
-        kernel_init=_INIT,
-        kernel_metadata=axes(*kernel_axes),
-        bias_metadata=axes(kernel_axes[1]),
-        rngs=rngs,
-    )
-
-
 def _layer_norm(d_model: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        d_model,
-        epsilon=LAYER_NORM_EPS,
-        dtype=dtype,
-        scale_metadata=axes(EMBED),
-        bias_metadata=axes(EMBED),
-        rngs=rngs,
-    )
-
-
-def _embed(n_rows: int, d_model: int, row_axis: str | None, dtype, rngs: nnx.Rngs) -> nnx.Embed:
-    metadata = axes(row_axis, EMBED)
-    return nnx.Embed(
-        n_rows, d_model, dtype=dtype, embedding_init=_INIT, embedding_metadata=metadata, rngs=rngs
-    )
-
-
-def dot_product_attention(
-    query: Array, key: Array, value: Array, mask: Array, dropout: nnx.Dropout
-) -> Array:
-    """softmax(q kᵀ / sqrt(head_dim), masked) v, per head.
-
-    Args:
-      query: (B, T, n_heads, head_dim).
-      key, value: (B, S, n_heads, head_dim).
-      mask: (B or 1, T or 1, S) bool, True where query t may attend to key s.
-      dropout: applied to the attention probabilities (a no-op in eval mode).
-
-    Returns:
-      (B, T, n_heads, head_dim).
-    """
-    scale = query.shape[-1] ** -0.5
-    # Scores and softmax in float32 even under bf16 compute; the finite floor keeps rows that
-    # are fully masked (all-padding inputs) finite instead of NaN.
-    scores = precision.einsum("btnd,bsnd->bnts", query, key, out_dtype=jnp.float32) * scale
-    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)  # (B, n, T, S)
-    probs = dropout(jax.nn.softmax(scores, axis=-1)).astype(value.dtype)  # (B, n, T, S)
-    return precision.einsum("bnts,bsnd->btnd", probs, value)  # (B, T, n, hd)
+    return layers.layer_norm(d_model, LAYER_NORM_EPS, dtype, rngs)
 
 
 class Attention(nnx.Module):
@@ -278,10 +217,10 @@ class Attention(nnx.Module):
 
     def __init__(self, d_model: int, n_heads: int, dropout: float, dtype, rngs: nnx.Rngs):
         self.n_heads = n_heads
-        self.q_proj = _dense(d_model, d_model, (EMBED, HEADS), dtype, rngs)
-        self.k_proj = _dense(d_model, d_model, (EMBED, HEADS), dtype, rngs)
-        self.v_proj = _dense(d_model, d_model, (EMBED, HEADS), dtype, rngs)
-        self.out_proj = _dense(d_model, d_model, (HEADS, EMBED), dtype, rngs)
+        self.q_proj = layers.dense(d_model, d_model, (EMBED, HEADS), dtype, rngs)
+        self.k_proj = layers.dense(d_model, d_model, (EMBED, HEADS), dtype, rngs)
+        self.v_proj = layers.dense(d_model, d_model, (EMBED, HEADS), dtype, rngs)
+        self.out_proj = layers.dense(d_model, d_model, (HEADS, EMBED), dtype, rngs)
         self.dropout = nnx.Dropout(dropout, deterministic=True, rngs=rngs)
 
     def _split_heads(self, x: Array) -> Array:
@@ -296,7 +235,7 @@ class Attention(nnx.Module):
     def __call__(self, x: Array, kv: KeyValue, mask: Array) -> Array:
         """x (B, T, H) attends to kv (B, S, n, hd) where mask (B|1, T|1, S) -> (B, T, H)."""
         query = self._split_heads(self.q_proj(x))  # (B, T, n, hd)
-        context = dot_product_attention(query, kv.key, kv.value, mask, self.dropout)
+        context = layers.dot_product_attention(query, kv.key, kv.value, mask, self.dropout)
         return self.out_proj(context.reshape(x.shape))  # (B, T, H)
 
 
@@ -310,9 +249,9 @@ class _Layer(nnx.Module):
     def __init__(self, config: BartConfig, ffn_dim: int, dtype, rngs: nnx.Rngs):
         d_model = config.d_model
         self.normalize_before = config.normalize_before
-        self.activation = _ACTIVATIONS[config.activation_function]
-        self.fc1 = _dense(d_model, ffn_dim, (EMBED, MLP), dtype, rngs)
-        self.fc2 = _dense(ffn_dim, d_model, (MLP, EMBED), dtype, rngs)
+        self.activation = layers.ACTIVATIONS[config.activation_function]
+        self.fc1 = layers.dense(d_model, ffn_dim, (EMBED, MLP), dtype, rngs)
+        self.fc2 = layers.dense(ffn_dim, d_model, (MLP, EMBED), dtype, rngs)
         self.final_layer_norm = _layer_norm(d_model, dtype, rngs)
         self.dropout = nnx.Dropout(config.dropout, deterministic=True, rngs=rngs)
         self.activation_dropout = nnx.Dropout(
@@ -353,7 +292,7 @@ class _Stack(nnx.Module):
 
     def __init__(self, config: BartConfig, dtype, remat: bool, rngs: nnx.Rngs):
         n_positions = config.max_position_embeddings + POSITION_OFFSET
-        self.embed_positions = _embed(n_positions, config.d_model, None, dtype, rngs)
+        self.embed_positions = layers.embed(n_positions, config.d_model, None, dtype, rngs)
         self.layernorm_embedding = _layer_norm(config.d_model, dtype, rngs)
         # mBART normalises the output of the last pre-LN layer; BART's post-LN layers already do.
         self.layer_norm = (
@@ -373,9 +312,7 @@ class _Stack(nnx.Module):
 
     def run(self, layer_call: Callable) -> Callable:
         """The layer's __call__, rematerialised in the backward pass when remat=True."""
-        # Tree mode (graph=False) also works when the model is nnx.merge'd inside plain
-        # jax.jit / jax.grad, where graph-mode remat fails.
-        return nnx.remat(layer_call, graph=False) if self.remat else layer_call
+        return layers.maybe_remat(layer_call, self.remat)
 
     def check_length(self, length: int) -> None:
         if length > self.max_positions:
@@ -479,7 +416,7 @@ class Bart(nnx.Module):
         self, config: BartConfig, *, dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs
     ):
         self.config = config
-        self.shared = _embed(config.vocab_size, config.d_model, VOCAB, dtype, rngs)
+        self.shared = layers.embed(config.vocab_size, config.d_model, VOCAB, dtype, rngs)
         self.embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
         self.encoder = Encoder(config, dtype, remat, rngs)
         self.decoder = Decoder(config, dtype, remat, rngs)

@@ -3,8 +3,9 @@
 
 Read top to bottom: config, embeddings, self-attention, layer, ``BertModel`` (hidden states and
 pooled output), pooling functions, ``BertEncoder`` (one vector per text), then Hugging Face
-checkpoint loading/saving. Shapes: B batch, T tokens, H hidden size, N heads, D head size,
-F feed-forward size, P output size of the encoder.
+checkpoint loading/saving. The building blocks (dense, LayerNorm, attention, remat) are
+``rag_jax.models.layers``, shared with BART. Shapes: B batch, T tokens, H hidden size, n heads,
+d head size, F feed-forward size, P output size of the encoder.
 
 Numerics follow transformers' PyTorch ``BertModel`` (post-LN, exact-erf GELU, padding keys masked
 with the float32 minimum); parameters are float32, ``dtype`` sets the compute dtype (bfloat16 on
@@ -15,7 +16,6 @@ import dataclasses
 import json
 import os
 import re
-from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rag_jax.models import precision
+from rag_jax.models import layers
 from rag_jax.models.checkpoint import (
     CheckpointError,
     assign_params,
@@ -33,20 +33,10 @@ from rag_jax.models.checkpoint import (
     read_state_dict,
     save_hf_checkpoint,
 )
-from rag_jax.models.partitioning import EMBED, HEADS, MLP, VOCAB, axes
+from rag_jax.models.partitioning import EMBED, HEADS, MLP, VOCAB
 
 Array = jax.Array
 Pooling = Literal["cls", "mean"]
-
-# Hugging Face names of the activation functions BERT-family configs use.
-ACTIVATIONS = {
-    "gelu": partial(jax.nn.gelu, approximate=False),
-    "gelu_new": partial(jax.nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": partial(jax.nn.gelu, approximate=True),
-    "relu": jax.nn.relu,
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +46,9 @@ class BertConfig:
     vocab_size: int = 30522
     hidden_size: int = 768  # H
     num_hidden_layers: int = 12
-    num_attention_heads: int = 12  # N; head size D = H / N
+    num_attention_heads: int = 12  # n; head size d = H / n
     intermediate_size: int = 3072  # F, feed-forward width
-    hidden_act: str = "gelu"  # a key of ACTIVATIONS
+    hidden_act: str = "gelu"  # a key of layers.ACTIVATIONS
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     max_position_embeddings: int = 512
@@ -76,8 +66,9 @@ class BertConfig:
                 f"hidden_size {self.hidden_size} is not divisible by "
                 f"num_attention_heads {self.num_attention_heads}"
             )
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+        if self.hidden_act not in layers.ACTIVATIONS:
+            choices = sorted(layers.ACTIVATIONS)
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {choices}")
 
     @classmethod
     def from_hf_config(cls, hf_config: dict[str, Any], **overrides: Any) -> "BertConfig":
@@ -117,48 +108,21 @@ class BertConfig:
 
 
 def _dense(config: BertConfig, n_in: int, n_out: int, names: tuple, rngs: nnx.Rngs) -> nnx.Linear:
-    init = nnx.initializers.normal(0.02)
-    return nnx.Linear(
-        n_in,
-        n_out,
-        dtype=config.dtype,
-        param_dtype=jnp.float32,
-        dot_general=precision.dot_general,
-        kernel_init=init,
-        kernel_metadata=axes(*names),
-        bias_metadata=axes(names[1]),
-        rngs=rngs,
-    )
+    return layers.dense(n_in, n_out, names, config.dtype, rngs)
 
 
 def _layer_norm(config: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(
-        config.hidden_size,
-        epsilon=config.layer_norm_eps,
-        use_fast_variance=False,  # E[(x - mean)^2], as PyTorch computes it
-        dtype=config.dtype,
-        param_dtype=jnp.float32,
-        scale_metadata=axes(EMBED),
-        bias_metadata=axes(EMBED),
-        rngs=rngs,
-    )
+    return layers.layer_norm(config.hidden_size, config.layer_norm_eps, config.dtype, rngs)
 
 
 class BertEmbeddings(nnx.Module):
     """Token + position + segment embeddings, then LayerNorm and dropout."""
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        embed = partial(
-            nnx.Embed,
-            features=config.hidden_size,
-            dtype=config.dtype,
-            param_dtype=jnp.float32,
-            embedding_init=nnx.initializers.normal(0.02),
-            rngs=rngs,
-        )
-        self.word = embed(config.vocab_size, embedding_metadata=axes(VOCAB, EMBED))
-        self.position = embed(config.max_position_embeddings, embedding_metadata=axes(None, EMBED))
-        self.token_type = embed(config.type_vocab_size, embedding_metadata=axes(None, EMBED))
+        H, dtype = config.hidden_size, config.dtype
+        self.word = layers.embed(config.vocab_size, H, VOCAB, dtype, rngs)
+        self.position = layers.embed(config.max_position_embeddings, H, None, dtype, rngs)
+        self.token_type = layers.embed(config.type_vocab_size, H, None, dtype, rngs)
         self.norm = _layer_norm(config, rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
@@ -166,20 +130,6 @@ class BertEmbeddings(nnx.Module):
         positions = jnp.arange(input_ids.shape[1])  # (T,)
         x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)
         return self.dropout(self.norm(x))  # (B, T, H)
-
-
-def padding_mask_bias(attention_mask: Array) -> Array:
-    """Additive attention bias that hides padding keys.
-
-    Args:
-      attention_mask: ``[batch, seq_len]``, 1 (or True) for tokens, 0 for padding.
-
-    Returns:
-      ``[batch, 1, 1, seq_len]`` float32: 0 for tokens, the float32 minimum for padding (not
-      -inf, so a row with no tokens at all gives a uniform softmax instead of NaN).
-    """
-    keep = attention_mask.astype(bool)[:, None, None, :]  # (B, 1, 1, T)
-    return jnp.where(keep, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
 class BertSelfAttention(nnx.Module):
@@ -196,18 +146,15 @@ class BertSelfAttention(nnx.Module):
             config.attention_probs_dropout_prob, deterministic=True, rngs=rngs
         )
 
-    def __call__(self, x: Array, mask_bias: Array) -> Array:
+    def __call__(self, x: Array, mask: Array) -> Array:
+        """x (B, T, H) attends to the keys where mask (B, 1, T) is True -> (B, T, H)."""
         B, T, H = x.shape
-        N, D = self.n_heads, H // self.n_heads
-        q = self.query(x).reshape(B, T, N, D)  # (B, T, N, D)
-        k = self.key(x).reshape(B, T, N, D)  # (B, T, N, D)
-        v = self.value(x).reshape(B, T, N, D)  # (B, T, N, D)
-        # Scores and softmax in float32 even under bfloat16 compute: the row sums need it.
-        scores = precision.einsum("bqnd,bknd->bnqk", q, k, out_dtype=jnp.float32) / np.sqrt(D)
-        probs = jax.nn.softmax(scores + mask_bias, axis=-1)  # (B, N, T, T)
-        probs = self.dropout(probs.astype(x.dtype))
-        context = precision.einsum("bnqk,bknd->bqnd", probs, v).reshape(B, T, H)  # (B, T, H)
-        return self.out(context)  # (B, T, H)
+        n, d = self.n_heads, H // self.n_heads
+        q = self.query(x).reshape(B, T, n, d)  # (B, T, n, d)
+        k = self.key(x).reshape(B, T, n, d)  # (B, T, n, d)
+        v = self.value(x).reshape(B, T, n, d)  # (B, T, n, d)
+        context = layers.dot_product_attention(q, k, v, mask, self.dropout)  # (B, T, n, d)
+        return self.out(context.reshape(B, T, H))  # (B, T, H)
 
 
 class BertLayer(nnx.Module):
@@ -220,23 +167,14 @@ class BertLayer(nnx.Module):
         self.mlp_in = _dense(config, H, F, (EMBED, MLP), rngs)
         self.mlp_out = _dense(config, F, H, (MLP, EMBED), rngs)
         self.mlp_norm = _layer_norm(config, rngs)
-        self.activation = ACTIVATIONS[config.hidden_act]
+        self.activation = layers.ACTIVATIONS[config.hidden_act]
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
-    def __call__(self, x: Array, mask_bias: Array) -> Array:
-        h = self.attention(x, mask_bias)  # (B, T, H)
+    def __call__(self, x: Array, mask: Array) -> Array:
+        h = self.attention(x, mask)  # (B, T, H)
         x = self.attention_norm(x + self.dropout(h))  # (B, T, H)
         h = self.mlp_out(self.activation(self.mlp_in(x)))  # (B, T, F) -> (B, T, H)
         return self.mlp_norm(x + self.dropout(h))  # (B, T, H)
-
-
-def _apply_layer(layer: BertLayer, x: Array, mask_bias: Array) -> Array:
-    return layer(x, mask_bias)
-
-
-# Keeps only the layer inputs for the backward pass. Tree mode (graph=False) also works when the
-# model is nnx.merge'd inside a plain jax.jit / jax.grad.
-_remat_layer = nnx.remat(_apply_layer, graph=False)
 
 
 class BertModel(nnx.Module):
@@ -278,11 +216,11 @@ class BertModel(nnx.Module):
         if seq_len > limit:
             raise ValueError(f"seq_len {seq_len} is longer than max_position_embeddings {limit}")
         token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
-        mask_bias = padding_mask_bias(attention_mask)  # (B, 1, 1, T)
+        mask = attention_mask.astype(bool)[:, None, :]  # (B, 1, T): every query sees the tokens
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        apply_layer = _remat_layer if self.config.remat else _apply_layer
+        apply_layer = layers.maybe_remat(BertLayer.__call__, self.config.remat)
         for layer in self.layers:
-            x = apply_layer(layer, x, mask_bias)  # (B, T, H)
+            x = apply_layer(layer, x, mask)  # (B, T, H)
         cls = x[:, 0]  # (B, H)
         pooled = jnp.tanh(self.pooler(cls)) if self.pooler is not None else cls  # (B, H)
         return x, pooled

@@ -387,5 +387,16 @@ def test_untied_lm_head_is_rejected(checkpoint, tmp_path):
         CheckpointError, match=r"lm_head\.weight differs from model\.shared\.weight"
     ):
         load_bart(tmp_path)
-    with pytest.raises(ValueError, match="tie_word_embeddings"):
+    with pytest.raises(CheckpointError, match="tie_word_embeddings"):
         BartConfig.from_hf_config({**bart_config().to_dict(), "tie_word_embeddings": False})
+
+
+def test_config_errors_are_checkpoint_errors_as_for_bert():
+    with pytest.raises(CheckpointError, match="model_type 'bert'"):
+        BartConfig.from_hf_config(bert_config().to_dict())
+    with pytest.raises(CheckpointError, match="d_model 32 is not divisible by encoder_attention"):
+        BartConfig.from_hf_config(bart_config(encoder_attention_heads=5).to_dict())
+    with pytest.raises(CheckpointError, match="activation_function 'swiglu' is not supported"):
+        BartConfig.from_hf_config(bart_config(activation_function="swiglu").to_dict())
+    with pytest.raises(CheckpointError, match="add_final_layer_norm differently"):
+        BartConfig.from_hf_config({**bart_config().to_dict(), "add_final_layer_norm": True})

@@ -249,9 +249,11 @@ def _functional_loss(encoder, input_ids, mask):
 
 def test_remat_gives_identical_outputs_and_gradients_with_dropout():
     input_ids, mask, _ = _batch(seed=10)
-    config = BertConfig(**TINY_BERT, projection_dim=16, add_pooling_layer=False)  # no unused params
-    plain = BertEncoder(config, rngs=nnx.Rngs(0))
-    remat = BertEncoder(dataclasses.replace(config, remat=True), rngs=nnx.Rngs(0))  # same init
+    config = BertConfig(**TINY_BERT, projection_dim=16)
+    make = lambda remat: BertEncoder(  # noqa: E731 -- no pooler: no unused parameters
+        config, add_pooling_layer=False, remat=remat, rngs=nnx.Rngs(0)
+    )
+    plain, remat = make(False), make(True)  # the same initial weights
     for encoder, expect_remat in ((plain, False), (remat, True)):
         loss, params = _functional_loss(encoder, input_ids, mask)
         assert ("remat" in str(jax.make_jaxpr(jax.grad(loss))(params))) == expect_remat
@@ -378,6 +380,28 @@ def test_missing_directory_or_files(torch_bert, tmp_path):
     (no_config / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"no config\.json in .*no_config"):
         load_bert_encoder(no_config)
+
+
+@pytest.mark.parametrize("kind", ["bert", "dpr"])
+def test_config_is_the_architecture_and_round_trips(kind):
+    # How to run the model (dtype, remat, the unused pooler) is the constructors' business.
+    fields = {field.name for field in dataclasses.fields(BertConfig)}
+    assert fields.isdisjoint({"dtype", "remat", "add_pooling_layer"})
+    projection = {"projection_dim": 16} if kind == "dpr" else {}
+    hf = bert_config(kind, hidden_act="relu", layer_norm_eps=1e-6, **projection).to_dict()
+    config = BertConfig.from_hf_config(hf)
+    assert (config.hidden_act, config.layer_norm_eps) == ("relu", 1e-6)
+    assert config.projection_dim == (16 if kind == "dpr" else 0)
+    ours = config.to_hf_config()  # "dpr" exactly when there is a projection
+    assert ours["model_type"] == kind
+    assert BertConfig.from_hf_config(ours) == config
+    reread = transformers.AutoConfig.for_model(**ours).to_dict()  # transformers reads it alike
+    assert {key: reread[key] for key in ours} == ours
+    # transformers 5 has only absolute positions, and no field for them any more.
+    assert {key: hf.get(key, "absolute") for key in ours} == ours
+    if kind == "dpr":
+        with pytest.raises(ValueError, match="cannot hold projection_dim"):
+            config.to_hf_config("bert")
 
 
 def test_config_of_another_architecture(torch_bert, tmp_path):

@@ -34,6 +34,7 @@ import dataclasses
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -101,19 +102,25 @@ class BartConfig:
 
     @classmethod
     def from_hf_config(cls, hf_config: dict[str, Any]) -> BartConfig:
-        """Reads a transformers ``config.json`` dict of model_type "bart" or "mbart"."""
+        """Reads a transformers ``config.json`` dict of model_type "bart" or "mbart".
+
+        Raises:
+          CheckpointError: a config of another architecture, or invalid values.
+        """
         model_type = hf_config.get("model_type")
         if model_type not in ("bart", "mbart"):
             architectures = hf_config.get("architectures")
-            raise ValueError(
+            raise CheckpointError(
                 f"config has model_type {model_type!r} (architectures {architectures}); "
                 "BartConfig reads only 'bart' or 'mbart' configs"
             )
         if not hf_config.get("tie_word_embeddings", True):
-            raise ValueError("config has tie_word_embeddings=false; BART's LM head must be tied")
+            raise CheckpointError(
+                "config has tie_word_embeddings=false; BART's LM head must be tied"
+            )
         normalize_before = hf_config.get("normalize_before", model_type == "mbart")
         if hf_config.get("add_final_layer_norm", normalize_before) != normalize_before:
-            raise ValueError(
+            raise CheckpointError(
                 "config sets normalize_before and add_final_layer_norm differently; only "
                 "post-LN BART or pre-LN mBART (both true) are supported"
             )
@@ -122,7 +129,10 @@ class BartConfig:
         for name in ("eos_token_id", "forced_eos_token_id"):  # HF allows a list here
             if isinstance(known.get(name), list):
                 known[name] = known[name][0]
-        return cls(normalize_before=bool(normalize_before), **known)
+        try:
+            return cls(normalize_before=bool(normalize_before), **known)
+        except (TypeError, ValueError) as error:
+            raise CheckpointError(f"invalid BART config: {error}") from error
 
     def to_hf_config(self) -> dict[str, Any]:
         """The ``config.json`` dict transformers reads back into the same model."""
@@ -574,7 +584,7 @@ def load_bart(
       CheckpointError: a config of another architecture, or weights that do not fit it (one
         error naming every missing, unexpected and mis-shaped parameter).
     """
-    config_path = os.path.join(checkpoint_dir, "config.json")
+    config_path = Path(checkpoint_dir) / "config.json"
     hf_config = read_hf_config(checkpoint_dir)
     if prefix is None and hf_config.get("model_type") == "rag":
         prefix = "generator."
@@ -584,7 +594,7 @@ def load_bart(
         config = BartConfig.from_hf_config(hf_config)
     except ValueError as error:
         raise CheckpointError(f"{config_path}: {error}") from error
-    source = f"weights in {os.fspath(checkpoint_dir)!r}" + (f" under {prefix!r}" if prefix else "")
+    source = f"weights in {str(Path(checkpoint_dir))!r}" + (f" under {prefix!r}" if prefix else "")
     state_dict = _untie(read_state_dict(checkpoint_dir, prefix), source)
     bias = state_dict.pop("final_logits_bias", np.zeros((1, config.vocab_size), np.float32))
     if np.shape(bias) != (1, config.vocab_size):  # checked before any parameter is assigned

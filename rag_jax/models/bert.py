@@ -8,8 +8,10 @@ checkpoint loading/saving. The building blocks (dense, LayerNorm, attention, rem
 d head size, F feed-forward size, P output size of the encoder.
 
 Numerics follow transformers' PyTorch ``BertModel`` (post-LN, exact-erf GELU, padding keys masked
-with the float32 minimum); parameters are float32, ``dtype`` sets the compute dtype (bfloat16 on
-accelerators), with softmax, LayerNorm statistics and pooling kept in float32.
+with the float32 minimum). ``BertConfig`` is the architecture only (it round-trips to the Hugging
+Face config); how to run it is up to the constructors, as for ``Bart``: parameters are float32,
+``dtype`` sets the compute dtype (bfloat16 on accelerators; softmax, LayerNorm statistics and
+pooling stay float32) and ``remat`` recomputes each layer in the backward pass.
 """
 
 import dataclasses
@@ -41,7 +43,8 @@ Pooling = Literal["cls", "mean"]
 
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
-    """Architecture of a BERT encoder; field names follow Hugging Face's ``BertConfig``."""
+    """Architecture of a BERT encoder; fields are those of Hugging Face's ``BertConfig`` /
+    ``DPRConfig`` that it reads, and ``from_hf_config(c.to_hf_config()) == c``."""
 
     vocab_size: int = 30522
     hidden_size: int = 768  # H
@@ -55,10 +58,7 @@ class BertConfig:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
-    add_pooling_layer: bool = True  # BertModel's tanh pooler; DPR checkpoints have none
     projection_dim: int = 0  # DPR's encode_proj output size; 0 = no projection
-    dtype: Any = jnp.float32  # compute dtype; parameters are always float32
-    remat: bool = False  # recompute each layer's activations in the backward pass
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -71,11 +71,11 @@ class BertConfig:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not one of {choices}")
 
     @classmethod
-    def from_hf_config(cls, hf_config: dict[str, Any], **overrides: Any) -> "BertConfig":
+    def from_hf_config(cls, hf_config: dict[str, Any]) -> "BertConfig":
         """Builds the config from a Hugging Face ``BertConfig`` or ``DPRConfig`` dict.
 
-        ``overrides`` set fields that are not part of the Hugging Face config (dtype, remat,
-        add_pooling_layer).
+        Raises:
+          CheckpointError: a config of another architecture, or invalid values.
         """
         model_type = hf_config.get("model_type")
         if model_type == "rag":
@@ -91,39 +91,40 @@ class BertConfig:
         position_type = hf_config.get("position_embedding_type", "absolute")
         if position_type != "absolute":
             raise CheckpointError(f"position_embedding_type {position_type!r} is not supported")
-        names = {field.name for field in dataclasses.fields(cls)} - {"dtype", "remat"}
-        fields = {name: hf_config[name] for name in names if name in hf_config}
+        names = {field.name for field in dataclasses.fields(cls)}
         try:
-            return cls(**{**fields, **overrides})
+            return cls(**{name: hf_config[name] for name in names if name in hf_config})
         except (TypeError, ValueError) as error:
             raise CheckpointError(f"invalid BERT config: {error}") from error
 
-    def to_hf_config(self, model_type: Literal["bert", "dpr"] = "bert") -> dict[str, Any]:
-        """The Hugging Face config dict (``BertConfig`` or ``DPRConfig``) of this architecture."""
-        skip = {"dtype", "remat", "add_pooling_layer"}
-        if model_type != "dpr":
-            skip.add("projection_dim")  # a DPR field
-        config = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+    def to_hf_config(self, model_type: Literal["bert", "dpr"] | None = None) -> dict[str, Any]:
+        """The Hugging Face config dict (``BertConfig`` or ``DPRConfig``) of this architecture.
+
+        ``model_type`` defaults to "dpr" with a projection, else "bert"; a "bert" config has no
+        field for the projection, so asking for one then is a ValueError.
+        """
+        model_type = model_type or ("dpr" if self.projection_dim else "bert")
+        if model_type == "bert" and self.projection_dim:
+            raise ValueError("a 'bert' config cannot hold projection_dim; use 'dpr'")
+        config = dataclasses.asdict(self)
+        if model_type == "bert":
+            del config["projection_dim"]  # a DPRConfig field
         return {**config, "model_type": model_type, "position_embedding_type": "absolute"}
 
 
-def _dense(config: BertConfig, n_in: int, n_out: int, names: tuple, rngs: nnx.Rngs) -> nnx.Linear:
-    return layers.dense(n_in, n_out, names, config.dtype, rngs)
-
-
-def _layer_norm(config: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return layers.layer_norm(config.hidden_size, config.layer_norm_eps, config.dtype, rngs)
+def _layer_norm(config: BertConfig, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    return layers.layer_norm(config.hidden_size, config.layer_norm_eps, dtype, rngs)
 
 
 class BertEmbeddings(nnx.Module):
     """Token + position + segment embeddings, then LayerNorm and dropout."""
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
-        H, dtype = config.hidden_size, config.dtype
+    def __init__(self, config: BertConfig, dtype: Any, rngs: nnx.Rngs):
+        H = config.hidden_size
         self.word = layers.embed(config.vocab_size, H, VOCAB, dtype, rngs)
         self.position = layers.embed(config.max_position_embeddings, H, None, dtype, rngs)
         self.token_type = layers.embed(config.type_vocab_size, H, None, dtype, rngs)
-        self.norm = _layer_norm(config, rngs)
+        self.norm = _layer_norm(config, dtype, rngs)
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
     def __call__(self, input_ids: Array, token_type_ids: Array) -> Array:
@@ -135,13 +136,13 @@ class BertEmbeddings(nnx.Module):
 class BertSelfAttention(nnx.Module):
     """Multi-head scaled dot-product self-attention over the unpadded keys."""
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, dtype: Any, rngs: nnx.Rngs):
         H = config.hidden_size
         self.n_heads = config.num_attention_heads
-        self.query = _dense(config, H, H, (EMBED, HEADS), rngs)
-        self.key = _dense(config, H, H, (EMBED, HEADS), rngs)
-        self.value = _dense(config, H, H, (EMBED, HEADS), rngs)
-        self.out = _dense(config, H, H, (HEADS, EMBED), rngs)
+        self.query = layers.dense(H, H, (EMBED, HEADS), dtype, rngs)
+        self.key = layers.dense(H, H, (EMBED, HEADS), dtype, rngs)
+        self.value = layers.dense(H, H, (EMBED, HEADS), dtype, rngs)
+        self.out = layers.dense(H, H, (HEADS, EMBED), dtype, rngs)
         self.dropout = nnx.Dropout(
             config.attention_probs_dropout_prob, deterministic=True, rngs=rngs
         )
@@ -160,13 +161,13 @@ class BertSelfAttention(nnx.Module):
 class BertLayer(nnx.Module):
     """Post-LN transformer layer: x = LN(x + attention(x)); x = LN(x + MLP(x))."""
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: BertConfig, dtype: Any, rngs: nnx.Rngs):
         H, F = config.hidden_size, config.intermediate_size
-        self.attention = BertSelfAttention(config, rngs=rngs)
-        self.attention_norm = _layer_norm(config, rngs)
-        self.mlp_in = _dense(config, H, F, (EMBED, MLP), rngs)
-        self.mlp_out = _dense(config, F, H, (MLP, EMBED), rngs)
-        self.mlp_norm = _layer_norm(config, rngs)
+        self.attention = BertSelfAttention(config, dtype, rngs)
+        self.attention_norm = _layer_norm(config, dtype, rngs)
+        self.mlp_in = layers.dense(H, F, (EMBED, MLP), dtype, rngs)
+        self.mlp_out = layers.dense(F, H, (MLP, EMBED), dtype, rngs)
+        self.mlp_norm = _layer_norm(config, dtype, rngs)
         self.activation = layers.ACTIVATIONS[config.hidden_act]
         self.dropout = nnx.Dropout(config.hidden_dropout_prob, deterministic=True, rngs=rngs)
 
@@ -180,20 +181,30 @@ class BertLayer(nnx.Module):
 class BertModel(nnx.Module):
     """BERT: embeddings and a stack of post-LN layers; same outputs as transformers' BertModel.
 
-    Dropout is off until ``model.train()`` (it then draws from the ``dropout`` stream of the
-    ``rngs`` the model was built with); ``model.eval()`` turns it off again, as for ``Bart``.
+    ``add_pooling_layer``: the tanh pooler (transformers' argument of the same name; DPR
+    checkpoints have none). Parameters are float32; ``dtype`` is the compute dtype, and
+    ``remat=True`` recomputes each layer in the backward pass instead of storing its
+    activations. Dropout is off until ``model.train()`` (it then draws from the ``dropout``
+    stream of the ``rngs`` the model was built with); ``model.eval()`` turns it off again.
     """
 
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: BertConfig,
+        *,
+        add_pooling_layer: bool = True,
+        dtype: Any = jnp.float32,
+        remat: bool = False,
+        rngs: nnx.Rngs,
+    ):
         H = config.hidden_size
         self.config = config
-        self.embeddings = BertEmbeddings(config, rngs=rngs)
+        self.remat = remat
+        self.embeddings = BertEmbeddings(config, dtype, rngs)
         self.layers = nnx.List(
-            [BertLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+            [BertLayer(config, dtype, rngs) for _ in range(config.num_hidden_layers)]
         )
-        self.pooler = (
-            _dense(config, H, H, (EMBED, None), rngs) if config.add_pooling_layer else None
-        )
+        self.pooler = layers.dense(H, H, (EMBED, None), dtype, rngs) if add_pooling_layer else None
 
     def __call__(
         self,
@@ -218,7 +229,7 @@ class BertModel(nnx.Module):
         token_type_ids = jnp.zeros_like(input_ids) if token_type_ids is None else token_type_ids
         mask = attention_mask.astype(bool)[:, None, :]  # (B, 1, T): every query sees the tokens
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, H)
-        apply_layer = layers.maybe_remat(BertLayer.__call__, self.config.remat)
+        apply_layer = layers.maybe_remat(BertLayer.__call__, self.remat)
         for layer in self.layers:
             x = apply_layer(layer, x, mask)  # (B, T, H)
         cls = x[:, 0]  # (B, H)
@@ -253,7 +264,8 @@ class BertEncoder(nnx.Module):
     """One vector per text: BertModel, then pooling, DPR's projection if any, L2 norm if asked.
 
     ``pooling="cls"`` takes the last-layer [CLS] vector (DPR; the BERT pooler is not used),
-    ``"mean"`` the masked mean over tokens (sentence-transformers).
+    ``"mean"`` the masked mean over tokens (sentence-transformers). ``add_pooling_layer``,
+    ``dtype`` and ``remat`` are ``BertModel``'s.
     """
 
     def __init__(
@@ -262,13 +274,18 @@ class BertEncoder(nnx.Module):
         *,
         pooling: Pooling = "cls",
         normalize: bool = False,
+        add_pooling_layer: bool = True,
+        dtype: Any = jnp.float32,
+        remat: bool = False,
         rngs: nnx.Rngs,
     ):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         H, P = config.hidden_size, config.projection_dim
-        self.bert = BertModel(config, rngs=rngs)
-        self.projection = _dense(config, H, P, (EMBED, None), rngs) if P > 0 else None
+        self.bert = BertModel(
+            config, add_pooling_layer=add_pooling_layer, dtype=dtype, remat=remat, rngs=rngs
+        )
+        self.projection = layers.dense(H, P, (EMBED, None), dtype, rngs) if P > 0 else None
         self.pooling = pooling
         self.normalize = normalize
         self.source_architecture: str | None = None  # Hugging Face layout it was loaded from
@@ -407,14 +424,17 @@ def load_bert_encoder(
     state_dict = read_state_dict(directory, prefix=prefix)
     architecture, bert_prefix = _detect_layout(state_dict)
     state_dict = _normalise_keys(state_dict, bert_prefix)
-    config = BertConfig.from_hf_config(
-        hf_config,
+    config = BertConfig.from_hf_config(hf_config)
+    pooling = pooling or _sentence_transformers_pooling(directory)
+    encoder = BertEncoder(
+        config,
+        pooling=pooling,
+        normalize=normalize,
+        add_pooling_layer=f"{bert_prefix}pooler.dense.weight" in state_dict,
         dtype=dtype,
         remat=remat,
-        add_pooling_layer=f"{bert_prefix}pooler.dense.weight" in state_dict,
+        rngs=nnx.Rngs(0),
     )
-    pooling = pooling or _sentence_transformers_pooling(directory)
-    encoder = BertEncoder(config, pooling=pooling, normalize=normalize, rngs=nnx.Rngs(0))
     projection_name = _LAYOUTS[architecture][1] or "encode_proj"
     hf_names = {
         path: _hf_name(path, bert_prefix, projection_name) for path in module_params(encoder)

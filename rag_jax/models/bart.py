@@ -51,6 +51,7 @@ from rag_jax.models.checkpoint import (
     read_state_dict,
     save_hf_checkpoint,
 )
+from rag_jax.models.inputs import check_config_fields
 from rag_jax.models.partitioning import EMBED, HEADS, MLP, VOCAB, axes
 
 Array = jax.Array
@@ -561,6 +562,20 @@ def _untie(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarr
     return state_dict
 
 
+# Config fields that must be > 0 (checked with their types when a checkpoint is loaded).
+_POSITIVE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "encoder_layers",
+    "decoder_layers",
+    "encoder_attention_heads",
+    "decoder_attention_heads",
+    "encoder_ffn_dim",
+    "decoder_ffn_dim",
+    "max_position_embeddings",
+)
+
+
 def load_bart(
     checkpoint_dir: str | os.PathLike,
     *,
@@ -581,8 +596,9 @@ def load_bart(
 
     Raises:
       FileNotFoundError: no such directory, no config.json, or no weights file.
-      CheckpointError: a config of another architecture, or weights that do not fit it (one
-        error naming every missing, unexpected and mis-shaped parameter).
+      CheckpointError: a config field of the wrong type or range (naming config.json and the
+        field), a config of another architecture, or weights that do not fit it (one error
+        naming every missing, unexpected and mis-shaped parameter).
     """
     config_path = Path(checkpoint_dir) / "config.json"
     hf_config = read_hf_config(checkpoint_dir)
@@ -590,6 +606,15 @@ def load_bart(
         prefix = "generator."
     if prefix is not None and isinstance(hf_config.get(prefix.rstrip(".")), dict):
         hf_config = hf_config[prefix.rstrip(".")]  # the RAG checkpoint's generator sub-config
+    if hf_config.get("model_type") in ("bart", "mbart"):  # others: from_hf_config says which
+        check_config_fields(
+            hf_config,
+            BartConfig,
+            checkpoint_dir,
+            positive=_POSITIVE_FIELDS,
+            probabilities=("dropout", "attention_dropout", "activation_dropout"),
+            skip=("eos_token_id", "forced_eos_token_id"),  # transformers allows a list there
+        )
     try:
         config = BartConfig.from_hf_config(hf_config)
     except ValueError as error:

@@ -15,7 +15,6 @@ pooling stay float32) and ``remat`` recomputes each layer in the backward pass.
 """
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -35,7 +34,12 @@ from rag_jax.models.checkpoint import (
     read_state_dict,
     save_hf_checkpoint,
 )
+from rag_jax.models.inputs import check_config_fields, check_tokenizer_dir
 from rag_jax.models.partitioning import EMBED, HEADS, MLP, VOCAB
+from rag_jax.models.sentence_transformers import (
+    read_sentence_transformers,
+    sentence_transformers_files,
+)
 
 Array = jax.Array
 Pooling = Literal["cls", "mean"]
@@ -380,22 +384,11 @@ def _normalise_keys(state_dict: dict[str, np.ndarray], bert_prefix: str) -> dict
     return renamed
 
 
-def _sentence_transformers_pooling(checkpoint_dir: Path) -> Pooling:
-    """ "mean" if the directory's 1_Pooling/config.json asks for mean pooling, else "cls"."""
-    path = checkpoint_dir / "1_Pooling" / "config.json"
-    if not path.is_file():
-        return "cls"
-    try:
-        return "mean" if json.loads(path.read_text()).get("pooling_mode_mean_tokens") else "cls"
-    except (json.JSONDecodeError, AttributeError) as error:
-        raise CheckpointError(f"{str(path)!r} is not a valid pooling config: {error}") from error
-
-
 def load_bert_encoder(
     checkpoint_dir: str | os.PathLike,
     *,
     pooling: Pooling | None = None,
-    normalize: bool = False,
+    normalize: bool | None = None,
     dtype: Any = jnp.float32,
     remat: bool = False,
 ) -> BertEncoder:
@@ -407,25 +400,50 @@ def load_bert_encoder(
 
     Args:
       checkpoint_dir: directory with config.json and model.safetensors (or pytorch_model.bin).
-      pooling: "cls" or "mean"; None picks "mean" when a sentence-transformers
-        ``1_Pooling/config.json`` says so, else "cls" (DPR).
-      normalize: L2-normalise the output vectors.
+      pooling: "cls" or "mean"; None reads the sentence-transformers ``1_Pooling/config.json``
+        (see ``rag_jax.models.sentence_transformers``), else "cls" (DPR).
+      normalize: L2-normalise the output vectors; None: iff ``modules.json`` lists a Normalize
+        module (all-MiniLM-L6-v2 does, DPR does not), as the index's ``load_text_encoder``.
       dtype: compute dtype (parameters stay float32).
       remat: rematerialise each layer in the backward pass.
 
     Returns:
       The encoder, weights loaded, with ``source_architecture`` set to the layout it came from.
+
+    Raises:
+      CheckpointError: a config field of the wrong type or range (naming config.json and the
+        field), an unsupported sentence-transformers module or pooling, or weights that do
+        not fit.
     """
     directory = Path(checkpoint_dir)
     hf_config = read_hf_config(directory)
     prefix = None
     if hf_config.get("model_type") == "rag":
         hf_config, prefix = read_hf_config(directory, part="question_encoder"), "question_encoder."
+    if hf_config.get("model_type") in ("bert", "dpr"):  # others: from_hf_config says which
+        check_config_fields(
+            hf_config,
+            BertConfig,
+            directory,
+            positive=(
+                "vocab_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "intermediate_size",
+                "max_position_embeddings",
+                "type_vocab_size",
+                "layer_norm_eps",
+            ),
+            probabilities=("hidden_dropout_prob", "attention_probs_dropout_prob"),
+        )
+    spec = read_sentence_transformers(directory)  # fails before the weights are read
     state_dict = read_state_dict(directory, prefix=prefix)
     architecture, bert_prefix = _detect_layout(state_dict)
     state_dict = _normalise_keys(state_dict, bert_prefix)
     config = BertConfig.from_hf_config(hf_config)
-    pooling = pooling or _sentence_transformers_pooling(directory)
+    pooling = pooling or spec.pooling or "cls"
+    normalize = spec.normalize if normalize is None else normalize
     encoder = BertEncoder(
         config,
         pooling=pooling,
@@ -481,23 +499,19 @@ def save_bert_encoder(
     config = encoder.bert.config
     model_type = "bert" if architecture == "BertModel" else "dpr"
     hf_config = {**config.to_hf_config(model_type), "architectures": [architecture]}
-    extra_files = {}
-    if encoder.pooling == "mean":  # so that load_bert_encoder picks mean pooling again
-        pooling_config = {
-            "word_embedding_dimension": config.hidden_size,
-            "pooling_mode_cls_token": False,
-            "pooling_mode_mean_tokens": True,
-            "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False,
-        }
-        extra_files["1_Pooling/config.json"] = json.dumps(pooling_config, indent=2) + "\n"
+    # The module list and pooling config, so that both loaders compute the same vectors again;
+    # always written, so that stale ones of a replaced checkpoint never survive.
+    extra_files = sentence_transformers_files(
+        encoder.pooling, encoder.normalize, config.hidden_size
+    )
     save_hf_checkpoint(checkpoint_dir, state_dict, hf_config, extra_files=extra_files)
 
 
 def load_bert_tokenizer(checkpoint_dir: str | os.PathLike):
     """The checkpoint's tokenizer via ``transformers.AutoTokenizer``, from local files only.
 
-    For a RAG checkpoint directory, the tokenizer in its ``question_encoder_tokenizer/``.
+    For a RAG checkpoint directory, the tokenizer in its ``question_encoder_tokenizer/``. A
+    directory without a vocabulary file is a FileNotFoundError.
     (transformers 5 imports torch itself when torch is installed; rag_jax does not need it.)
     """
     from transformers import AutoTokenizer  # lazy: transformers is slow to import
@@ -505,6 +519,5 @@ def load_bert_tokenizer(checkpoint_dir: str | os.PathLike):
     directory = Path(checkpoint_dir)
     if (directory / "question_encoder_tokenizer").is_dir():
         directory = directory / "question_encoder_tokenizer"
-    if not directory.is_dir():
-        raise FileNotFoundError(f"tokenizer directory {str(directory)!r} does not exist")
+    check_tokenizer_dir(directory)  # else transformers makes every word [UNK]
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)

@@ -236,6 +236,9 @@ def save_hf_checkpoint(
     a failure at any point leaves an existing checkpoint as it was. Other files of an existing
     directory (tokenizer, sentence-transformers configs) are kept; its old weight files are not.
 
+    A ``checkpoint_dir`` that is a file (or a link to one) is refused before anything is
+    written: it is a user's file, not a checkpoint to replace.
+
     Args:
       checkpoint_dir: destination directory (created, with parents, if needed).
       state_dict: ``{Hugging Face name: array}``; every value must be finite.
@@ -244,6 +247,7 @@ def save_hf_checkpoint(
         ``{"1_Pooling/config.json": ...}`` or ``{"generation_config.json": ...}``.
     """
     target = Path(checkpoint_dir)
+    _check_replaceable(target)
     config_text = json.dumps(dict(config), indent=2, sort_keys=True) + "\n"  # fails before any I/O
     arrays = {name: np.ascontiguousarray(value) for name, value in state_dict.items()}
     not_finite = [
@@ -268,6 +272,18 @@ def save_hf_checkpoint(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _check_replaceable(target: Path) -> None:
+    """Raises CheckpointError if ``target`` exists and is not a directory.
+
+    (The files of an existing directory are carried over into the new checkpoint.)
+    """
+    if os.path.lexists(target) and not target.is_dir():
+        raise CheckpointError(
+            f"{str(target)!r} exists and is not a directory: refusing to replace it with a "
+            "checkpoint; choose another path"
+        )
 
 
 def _copy_extra_files(old: Path, new: Path) -> None:

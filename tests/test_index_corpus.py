@@ -82,9 +82,10 @@ def test_psgs_w100_tsv_with_dpr_quoting(tmp_path):
 
 def test_tsv_bad_header_and_bad_column_count(tmp_path):
     path = tmp_path / "bad_header.tsv"
-    path.write_text("id\ttitle\ttext\n1\tt\tT\n")
-    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:1: expected the header"):
-        list(CorpusReader(path))
+    path.write_text("id\tbody\ttitle\n1\tt\tT\n")
+    for skip_bad in (False, True):  # a header is never skipped as a bad line
+        with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:1: expected a header"):
+            list(CorpusReader(path, skip_bad=skip_bad))
     path = tmp_path / "bad_row.tsv"
     path.write_text("id\ttext\ttitle\n1\tok\tT\n2\tonly two\n")
     with pytest.raises(
@@ -148,3 +149,117 @@ def test_store_checksum_depends_on_field_boundaries(tmp_path):
     two = PassageStore.write([Passage("1", "a", "bc")], tmp_path / "two")
     assert one.sha256 != two.sha256
     assert one[0] == Passage("1", "ab", "c") and two[0] == Passage("1", "a", "bc")
+
+
+# Issue 14, section 4: every kind of unreadable input is a CorpusError with file and line, and
+# --skip-bad-lines gets past each one.
+
+
+def test_a_lone_surrogate_escape_is_a_bad_line(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(
+        _jsonl([GOOD, b'{"id": "b", "title": "B", "text": "a \\ud800 b"}', {**GOOD, "id": "c"}])
+    )
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:2: field 'text' holds a lone"):
+        list(CorpusReader(path))
+    reader = CorpusReader(path, skip_bad=True)
+    store = PassageStore.write(reader, tmp_path / "store")  # the store accepts what remains
+    assert [p.id for p in store] == ["a", "c"] and reader.n_skipped == 1
+    path.write_bytes(_jsonl([b'{"id": "\\udfff", "title": "B", "text": "x"}']))
+    with pytest.raises(CorpusError, match=r":1: field 'id' holds a lone surrogate"):
+        list(CorpusReader(path))
+
+
+def test_an_over_long_tsv_field_is_a_bad_line(tmp_path):
+    path = tmp_path / "psgs.tsv"
+    long_text = '"' + "x" * 200_000 + '"'  # beyond csv.field_size_limit()
+    path.write_text(f"id\ttext\ttitle\n1\tok\tT\n2\t{long_text}\tLong\n3\tfine\tU\n")
+    with pytest.raises(CorpusError, match=rf"^{re.escape(str(path))}:3: unreadable TSV line"):
+        list(CorpusReader(path))
+    reader = CorpusReader(path, skip_bad=True)
+    assert [p.id for p in reader] == ["1", "3"] and reader.n_skipped == 1
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_tsv_columns_are_read_by_the_header_names(tmp_path, skip_bad):
+    path = tmp_path / "psgs.tsv"
+    path.write_text("id\ttitle\ttext\n1\tAaron\tAaron is a prophet\n")
+    reader = CorpusReader(path, skip_bad=skip_bad)
+    assert list(reader) == [Passage("1", "Aaron", "Aaron is a prophet")]
+    assert reader.n_skipped == 0  # the header was read, not skipped
+    path.write_text("title\ttext\tid\nAaron\tAaron is a prophet\t1\n")
+    assert list(CorpusReader(path, skip_bad=skip_bad)) == [
+        Passage("1", "Aaron", "Aaron is a prophet")
+    ]
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path, skip_bad):
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + _jsonl([GOOD, {**GOOD, "id": "b"}]))
+    reader = CorpusReader(jsonl, skip_bad=skip_bad)
+    assert [p.id for p in reader] == ["a", "b"] and reader.n_skipped == 0
+    assert reader.sha256 == hashlib.sha256(jsonl.read_bytes()).hexdigest()  # of the file as is
+    tsv = tmp_path / "bom.tsv"
+    tsv.write_bytes(b"\xef\xbb\xbfid\ttext\ttitle\n1\tt\tT\n")
+    assert list(CorpusReader(tsv, skip_bad=skip_bad)) == [Passage("1", "T", "t")]
+
+
+def _store(tmp_path, n=30):
+    passages = [Passage(f"id{i}", f"Title {i}", f"text number {i} " * 3) for i in range(n)]
+    return PassageStore.write(passages, tmp_path / "store").path
+
+
+def test_a_truncated_blob_is_named_at_load(tmp_path):
+    path = _store(tmp_path)
+    blob = path / "passages.bin"
+    blob.write_bytes(blob.read_bytes()[:-40])
+    with pytest.raises(CorpusError, match=r"passages\.bin: \d+ bytes, but .*meta\.json says"):
+        PassageStore(path)
+    blob.unlink()
+    with pytest.raises(CorpusError, match=r"passages\.bin: missing"):
+        PassageStore(path)
+
+
+def test_garbled_offsets_are_named_at_load(tmp_path):
+    path = _store(tmp_path)
+    offsets_path = path / "offsets.bin"
+    offsets = np.fromfile(offsets_path, "<i8")
+    garbled = offsets.copy()
+    garbled[40] = 3  # same size, one boundary out of order
+    garbled.tofile(offsets_path)
+    with pytest.raises(CorpusError, match=r"offsets\.bin: offset 40 falls below the one before"):
+        PassageStore(path)
+    garbled = offsets.copy()
+    garbled[-1] += 7  # points past the end of the blob
+    garbled.tofile(offsets_path)
+    with pytest.raises(CorpusError, match=r"offsets\.bin: offsets run from 0 to \d+, not from 0"):
+        PassageStore(path)
+    offsets[:-1].tofile(offsets_path)
+    with pytest.raises(CorpusError, match=r"offsets\.bin: \d+ bytes, but .*meta\.json says"):
+        PassageStore(path)
+
+
+@pytest.mark.parametrize(
+    "meta", ['{"count": 30, "sha256": "ab"}', '{"count": "30", "bytes": 1, "sha256": "a"}', "{"]
+)
+def test_a_bad_store_meta_file_is_named(tmp_path, meta):
+    path = _store(tmp_path)
+    (path / "meta.json").write_text(meta)
+    with pytest.raises(CorpusError, match=r"meta\.json: (missing or invalid field|not valid JSON)"):
+        PassageStore(path)
+
+
+def test_huge_texts_are_cut_before_tokenizing():
+    """A 36 MB line once took 5.4 GB to tokenize; only what truncation can keep is passed."""
+    from rag_jax.index.encode import MAX_CHARS_PER_TOKEN, hf_tokenize_fn
+
+    seen = []
+
+    def tokenizer(texts, pairs, **kwargs):
+        seen.append([len(t) for t in texts] + [len(p) for p in pairs or []])
+        return {"input_ids": [[1] * kwargs["max_length"] for _ in texts]}
+
+    tokenize = hf_tokenize_fn(tokenizer, 16)
+    tokenize(["t" * 10, "x " * 5_000_000], ["y" * 3_000_000, "short"])
+    assert seen == [[10, 16 * MAX_CHARS_PER_TOKEN, 16 * MAX_CHARS_PER_TOKEN, 5]]

@@ -238,7 +238,7 @@ def test_tune_rejects_bad_arguments_and_unreachable_targets(data, index):
     docs, queries, _ = data
     with pytest.raises(ValueError, match="target_recall must be in"):
         index.tune(queries, 10, target_recall=1.5)
-    with pytest.raises(ValueError, match="queries have dimension 32"):
+    with pytest.raises(ValueError, match=r"queries must have shape \(B, 64\), got \(200, 32\)"):
         index.tune(queries[:, :32], 10)
     with pytest.raises(ValueError, match="k must be in"):
         index.tune(queries, 0)

@@ -4,7 +4,8 @@ Build an index directory with :func:`build_index` (or ``python -m rag_jax.index 
 with :class:`KnowledgeSource` (or :func:`load_index`), search it with query vectors.
 """
 
-from rag_jax.index.build import build_index
+from rag_jax.index.build import BuildError, build_index
+from rag_jax.index.checks import check_search_args
 from rag_jax.index.corpus import (
     CorpusError,
     CorpusReader,
@@ -14,6 +15,7 @@ from rag_jax.index.corpus import (
     split_passages,
 )
 from rag_jax.index.encode import (
+    EncodingError,
     TextEncoder,
     encode_passages,
     encode_texts,
@@ -26,8 +28,10 @@ from rag_jax.index.scann_index import ScannConfig, ScannIndex
 from rag_jax.index.source import Index, KnowledgeSource, LoadedIndex, load_index, tune_index
 
 __all__ = [
+    "BuildError",
     "CorpusError",
     "CorpusReader",
+    "EncodingError",
     "ExactIndex",
     "Index",
     "IndexMismatchError",
@@ -41,6 +45,7 @@ __all__ = [
     "SearchResult",
     "TextEncoder",
     "build_index",
+    "check_search_args",
     "chunked_top_k",
     "encode_passages",
     "encode_texts",

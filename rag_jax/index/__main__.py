@@ -3,6 +3,9 @@
 python -m rag_jax.index build --corpus psgs.jsonl --encoder MODEL_DIR --out indexes/wiki
 python -m rag_jax.index search --index indexes/wiki --query "who wrote hamlet" -k 5
 python -m rag_jax.index tune --index indexes/wiki --questions sample_questions.txt
+
+Expected failures (bad input, a damaged index, a full disk, a concurrent build) print one line
+``error: ...`` and exit with status 2; a traceback means a bug.
 """
 
 from __future__ import annotations
@@ -13,13 +16,38 @@ import sys
 import textwrap
 from pathlib import Path
 
-from rag_jax.index.build import build_index
+from rag_jax.index.build import BuildError, build_index
 from rag_jax.index.corpus import CorpusError
-from rag_jax.index.encode import encode_texts, load_text_encoder
+from rag_jax.index.encode import TextEncoder, encode_texts, load_text_encoder
 from rag_jax.index.manifest import IndexMismatchError, Manifest
 from rag_jax.index.scann_index import ScannConfig
 from rag_jax.index.source import KnowledgeSource, tune_index
 from rag_jax.models.checkpoint import CheckpointError
+
+
+def _at_least(minimum: int):
+    """An argparse type: an integer >= ``minimum``, else a one-line usage error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _recall(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,17 +59,25 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--encoder", required=True, help="document encoder (local HF directory)")
     build.add_argument("--out", required=True, help="index directory to create or replace")
     build.add_argument("--backend", choices=("scann", "exact"), default="scann")
-    build.add_argument("--split-words", type=int, help="split documents into N-word passages")
+    build.add_argument(
+        "--split-words", type=_at_least(1), help="split documents into N-word passages"
+    )
     build.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad lines")
     build.add_argument("--dtype", choices=("float32", "float16"), default="float32")
-    build.add_argument("--batch-size", type=int, default=128)
-    build.add_argument("--chunk-size", type=int, default=8192, help="passages per resumable step")
-    build.add_argument("--max-length", type=int, default=512, help="token limit per passage")
-    build.add_argument("--num-leaves", type=int, help="ScaNN partitions (default ~sqrt(N)/2)")
-    build.add_argument("--leaves-to-search", type=int, help="ScaNN partitions searched")
+    build.add_argument("--batch-size", type=_at_least(1), default=128)
+    build.add_argument(
+        "--chunk-size", type=_at_least(1), default=8192, help="passages per resumable step"
+    )
+    build.add_argument(
+        "--max-length", type=_at_least(1), default=512, help="token limit per passage"
+    )
+    build.add_argument(
+        "--num-leaves", type=_at_least(2), help="ScaNN partitions (default ~sqrt(N)/2)"
+    )
+    build.add_argument("--leaves-to-search", type=_at_least(1), help="ScaNN partitions searched")
     build.add_argument(
         "--reorder-k",
-        type=int,
+        type=_at_least(1),
         default=ScannConfig.reorder_k,
         help="ScaNN re-scoring depth (default %(default)s)",
     )
@@ -55,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="print the top passages for queries")
     search.add_argument("--index", required=True, help="index directory")
     search.add_argument("--query", required=True, action="append", help="query text (repeatable)")
-    search.add_argument("-k", type=int, default=5, help="passages per query")
+    search.add_argument("-k", type=_at_least(1), default=5, help="passages per query")
     search.add_argument("--backend", choices=("scann", "exact"), help="default: the index's")
 
     tune = commands.add_parser(
@@ -65,8 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument(
         "--questions", required=True, help="UTF-8 text file, one sample question a line"
     )
-    tune.add_argument("-k", type=int, default=10, help="recall@k is measured (default 10)")
-    tune.add_argument("--target-recall", type=float, default=0.95, help="default 0.95")
+    tune.add_argument("-k", type=_at_least(1), default=10, help="recall@k is measured (default 10)")
+    tune.add_argument("--target-recall", type=_recall, default=0.95, help="default 0.95")
     for command in (search, tune):
         command.add_argument(
             "--encoder", help="the index's document encoder (default: the manifest's encoder_path)"
@@ -95,30 +131,68 @@ def _build(args: argparse.Namespace) -> None:
         encoder_path=args.encoder,
     )
     skipped = f", {manifest.n_skipped} bad line(s) skipped" if manifest.n_skipped else ""
+    if manifest.n_truncated:
+        max_length = manifest.encoder_preprocessing.get("max_length")
+        skipped += f", {manifest.n_truncated} cut at {max_length} tokens"
     print(f"built {args.out}: {manifest.count} passages, {manifest.dim}-dim{skipped}")
 
 
-def _query_encoder(args: argparse.Namespace, manifest: Manifest):
-    """The encoder for questions, and the document encoder's hash the index must match."""
-    if args.query_encoder:  # an asymmetric (DPR) pair: only the vector size must agree
-        return load_text_encoder(args.query_encoder), None
-    path = args.encoder or manifest.encoder_path
-    if not path:
-        raise IndexMismatchError(f"{args.index}: no encoder recorded; pass --encoder")
-    encoder = load_text_encoder(path)
-    return encoder, encoder.weights_sha256
+def _document_encoder_path(args: argparse.Namespace, manifest: Manifest) -> str:
+    """--encoder, else the manifest's encoder_path (relative ones, from old manifests, are
+    tried from the working directory, then from the index)."""
+    if args.encoder:
+        return args.encoder
+    recorded = manifest.encoder_path
+    where = f"{Path(args.index) / 'manifest.json'} (encoder_path, recorded at build time)"
+    if not recorded:
+        raise IndexMismatchError(f"no document encoder recorded in {where}; pass --encoder DIR")
+    for candidate in (Path(recorded), Path(args.index) / recorded):
+        if candidate.is_dir():
+            return str(candidate)
+    raise IndexMismatchError(
+        f"the document encoder {recorded!r} named in {where} does not exist here; pass "
+        "--encoder DIR (the index's document encoder) or --query-encoder DIR"
+    )
+
+
+def _query_encoder(args: argparse.Namespace, manifest: Manifest) -> tuple[TextEncoder, dict]:
+    """The encoder for questions, and what the index's document encoder must match.
+
+    Returns ``(encoder, expected)``: ``expected`` holds the keyword arguments of
+    :func:`load_index` that check the document encoder (empty for a separate query encoder,
+    where only the vector size must agree).
+    """
+    if args.query_encoder:  # an asymmetric (DPR) pair
+        encoder = load_text_encoder(args.query_encoder)
+        if encoder.preprocessing.get("architecture") == "DPRContextEncoder":
+            raise ValueError(
+                f"--query-encoder {args.query_encoder} is a DPR context (passage) encoder; "
+                "questions need the matching DPRQuestionEncoder"
+            )
+        return encoder, {}
+    recorded = manifest.encoder_preprocessing
+    encoder = load_text_encoder(
+        _document_encoder_path(args, manifest), max_length=recorded.get("max_length", 512)
+    )
+    if encoder.preprocessing.get("architecture") == "DPRContextEncoder":
+        raise ValueError(
+            f"the index's encoder {encoder.name!r} is a DPR context encoder, which embeds "
+            "passages, not questions: pass --query-encoder DIR (its DPRQuestionEncoder)"
+        )
+    expected = dict(
+        encoder_sha256=encoder.weights_sha256,
+        encoder_name=encoder.name,
+        encoder_preprocessing=encoder.preprocessing,
+    )
+    return encoder, expected
 
 
 def _search(args: argparse.Namespace) -> None:
     manifest = Manifest.read(args.index)
-    encoder, doc_encoder_sha256 = _query_encoder(args, manifest)
-    source = KnowledgeSource(
-        args.index,
-        backend=args.backend,
-        encoder_sha256=doc_encoder_sha256,
-        encoder_name=encoder.name,
-        dim=encoder.dim,
-    )
+    if args.k > manifest.count:  # before the encoder is loaded
+        raise ValueError(f"-k {args.k} exceeds the {manifest.count} passages of {args.index}")
+    encoder, expected = _query_encoder(args, manifest)
+    source = KnowledgeSource(args.index, backend=args.backend, dim=encoder.dim, **expected)
     result, passages = source.retrieve(encode_texts(encoder, args.query), args.k)
     for query, scores, hits in zip(args.query, result.scores, passages, strict=True):
         print(f"query: {query}")
@@ -142,14 +216,9 @@ def _tune(args: argparse.Namespace) -> None:
     questions = [line.strip() for line in lines if line.strip()]
     if not questions:
         raise ValueError(f"{args.questions}: no questions (one a line)")
-    encoder, doc_encoder_sha256 = _query_encoder(args, manifest)
+    encoder, expected = _query_encoder(args, manifest)
     config = tune_index(
-        args.index,
-        encode_texts(encoder, questions),
-        args.k,
-        args.target_recall,
-        encoder_sha256=doc_encoder_sha256,
-        encoder_name=encoder.name,
+        args.index, encode_texts(encoder, questions), args.k, args.target_recall, **expected
     )
     if config.brute_force:
         print(f"{args.index}: ScaNN scores all {manifest.count} passages exactly; nothing to tune")
@@ -167,8 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("rag_jax").setLevel(logging.INFO)
     try:
         {"build": _build, "search": _search, "tune": _tune}[args.command](args)
-    except (CorpusError, IndexMismatchError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (CorpusError, IndexMismatchError, CheckpointError, BuildError, OSError, ValueError) as e:
+        notes = "".join(f" ({note})" for note in getattr(e, "__notes__", ()))
+        print(f"error: {e}{notes}".replace("\n", " "), file=sys.stderr)
         return 2
     return 0
 

@@ -1,8 +1,10 @@
 """Corpus reading, DPR-style passage splitting and an on-disk passage store.
 
 A corpus is either JSONL, one ``{"id": ..., "title": ..., "text": ...}`` object a line, or DPR's
-``psgs_w100.tsv`` (``id<TAB>text<TAB>title`` with that header line). Every bad line is reported as
-``FILE:LINE: reason``; with ``skip_bad=True`` bad lines are skipped and counted instead.
+``psgs_w100.tsv`` (a header naming the columns id, text and title, in any order, then one passage
+a line). Every bad line is reported as ``FILE:LINE: reason``; with ``skip_bad=True`` bad lines are
+skipped and counted instead. A bad TSV header is never skipped (every line after it would be read
+wrongly). A UTF-8 byte order mark at the start of the file is ignored.
 
 The :class:`PassageStore` keeps all passages in one UTF-8 blob plus an int64 offsets array, both
 memory-mapped, so passage ``i`` is two offset reads and one slice: O(1) time and no corpus in RAM,
@@ -11,6 +13,7 @@ which is what a 21M-passage Wikipedia needs.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
@@ -53,9 +56,12 @@ class CorpusReader:
     """Iterates the passages of a JSONL or psgs_w100 TSV file, validating every line.
 
     Checks, each reported as ``FILE:LINE: reason``: invalid UTF-8, malformed JSON (or a line that
-    is not an object), missing or non-string fields, empty text, duplicate ids, wrong TSV column
-    count or header. With ``skip_bad=True`` a bad line is logged and skipped; after iteration
-    ``n_skipped`` counts them and ``skipped`` keeps the first 100 messages.
+    is not an object), missing or non-string fields, strings that cannot be stored as UTF-8
+    (lone surrogates such as ``"\\ud800"``), empty text, duplicate ids, wrong TSV column count,
+    unreadable TSV quoting or over-long fields. With ``skip_bad=True`` a bad line is logged and
+    skipped; after iteration ``n_skipped`` counts them and ``skipped`` keeps the first 100
+    messages. A TSV header that does not name exactly the columns id, text and title always
+    raises.
 
     Args:
       path: the corpus file; ``.tsv`` means psgs_w100 format, anything else JSONL (override with
@@ -77,6 +83,7 @@ class CorpusReader:
             raise ValueError(f"fmt must be 'tsv' or 'jsonl', got {fmt!r}")
         if not self.path.is_file():
             raise FileNotFoundError(f"corpus file not found: {self.path}")
+        self._columns = TSV_HEADER  # a TSV file's column order, read from its header
         self.n_passages = 0
         self.n_skipped = 0
         self.skipped: list[str] = []
@@ -90,6 +97,11 @@ class CorpusReader:
         with open(self.path, "rb") as f:
             for line_no, raw in enumerate(f, start=1):
                 digest.update(raw)
+                if line_no == 1:
+                    raw = raw.removeprefix(codecs.BOM_UTF8)
+                    if self.fmt == "tsv":  # never skippable: it says how to read the rest
+                        self._columns = self._read_header(raw)
+                        continue
                 try:
                     passage = self._check(parse(raw, line_no), seen, line_no)
                 except CorpusError as e:
@@ -131,23 +143,36 @@ class CorpusReader:
             raise self._error(line_no, f"expected a JSON object, got {type(record).__name__}")
         return record
 
+    def _split_tsv(self, line: str, line_no: int) -> list[str]:
+        # DPR's psgs_w100 quotes text fields CSV-style ("" inside quotes); csv handles that.
+        try:
+            return next(csv.reader([line], delimiter="\t"), [])
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit() characters
+            raise self._error(line_no, f"unreadable TSV line ({e})") from None
+
+    def _read_header(self, raw: bytes) -> tuple[str, ...]:
+        """The column names of line 1, which must be id, text and title in some order."""
+        line = self._decode(raw, 1)
+        columns = tuple(self._split_tsv(line, 1))
+        if sorted(columns) != sorted(TSV_HEADER):
+            raise self._error(
+                1,
+                f"expected a header naming the columns id, text and title (tab-separated, "
+                f"e.g. 'id<TAB>text<TAB>title'), got {line[:80]!r}; add or fix the header line",
+            )
+        return columns
+
     def _parse_tsv(self, raw: bytes, line_no: int) -> dict | None:
         line = self._decode(raw, line_no)
-        # DPR's psgs_w100 quotes text fields CSV-style ("" inside quotes); csv handles that.
-        fields = next(csv.reader([line], delimiter="\t"), [])
-        if line_no == 1:
-            if tuple(fields) != TSV_HEADER:
-                raise CorpusError(
-                    f"{self.path}:1: expected the header 'id<TAB>text<TAB>title', got {line[:80]!r}"
-                )
-            return None
         if not line.strip():
             return None
+        fields = self._split_tsv(line, line_no)
         if len(fields) != 3:
+            names = ", ".join(self._columns)
             raise self._error(
-                line_no, f"expected 3 tab-separated fields (id, text, title), got {len(fields)}"
+                line_no, f"expected 3 tab-separated fields ({names}), got {len(fields)}"
             )
-        return dict(zip(TSV_HEADER, fields, strict=True))
+        return dict(zip(self._columns, fields, strict=True))
 
     def _check(self, record: dict | None, seen: dict[str, int], line_no: int) -> Passage | None:
         if record is None:
@@ -162,6 +187,16 @@ class CorpusReader:
             if not isinstance(record[key], str):
                 raise self._error(line_no, f"field {key!r} must be a string")
         pid = str(pid)
+        for key, value in (("id", pid), ("title", record["title"]), ("text", record["text"])):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:  # a lone surrogate escape, e.g. "\ud800"
+                bad = value[e.start]
+                raise self._error(
+                    line_no,
+                    f"field {key!r} holds a lone surrogate {bad!r} at character {e.start}, "
+                    "which is not text (fix the escape, or use --skip-bad-lines)",
+                ) from None
         if not pid:
             raise self._error(line_no, "empty id")
         if not record["text"].strip():
@@ -206,6 +241,40 @@ def split_passages(passages: Iterable[Passage], words_per_passage: int = 100) ->
 # Store
 
 
+def _read_meta(path: Path) -> dict:
+    """The store's meta.json: count, bytes and sha256, each checked."""
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    kinds = {"count": int, "bytes": int, "sha256": str}
+    if not isinstance(meta, dict):
+        raise CorpusError(f"{path}: expected a JSON object")
+    bad = [
+        key
+        for key, kind in kinds.items()
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool)
+    ]
+    if bad or meta["count"] < 0 or meta["bytes"] < 0:
+        raise CorpusError(f"{path}: missing or invalid field(s) {bad or ['count/bytes']}")
+    return meta
+
+
+def _check_offsets(offsets: np.ndarray, size: int, path: Path, block: int = 1 << 20) -> None:
+    """Raises CorpusError unless ``offsets`` start at 0, never fall and end at ``size``.
+
+    Read in blocks, so a 21M-passage store (63M offsets) never sits in memory at once.
+    """
+    if offsets[0] != 0 or offsets[-1] != size:
+        first, last = int(offsets[0]), int(offsets[-1])
+        raise CorpusError(f"{path}: offsets run from {first} to {last}, not from 0 to {size}")
+    for start in range(0, len(offsets) - 1, block):
+        chunk = np.asarray(offsets[start : start + block + 1])
+        if (np.diff(chunk) < 0).any():
+            where = start + int(np.flatnonzero(np.diff(chunk) < 0)[0])
+            raise CorpusError(f"{path}: offset {where + 1} falls below the one before: damaged")
+
+
 class PassageStore:
     """Read-only passages by integer id, memory-mapped: O(1) access, nothing loaded up front.
 
@@ -214,7 +283,9 @@ class PassageStore:
     little-endian int64 boundaries, so passage ``i`` spans ``offsets[3i : 3i + 4]``;
     ``meta.json`` holds the count and the SHA-256 of both files.
 
-    Build one with :meth:`write`; open one with ``PassageStore(path)``.
+    Build one with :meth:`write`; open one with ``PassageStore(path)``. Opening checks the
+    meta file, both files' sizes and that the offsets rise from 0 to the blob's size, so a
+    truncated or garbled store is a :class:`CorpusError` naming the file, never empty titles.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -222,17 +293,19 @@ class PassageStore:
         meta_path = self.path / _STORE_META
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a passage store (no {_STORE_META}): {self.path}")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
         self.sha256: str = meta["sha256"]
         self._n: int = meta["count"]
-        offsets_path = self.path / _STORE_OFFSETS
-        expected = 8 * (3 * self._n + 1)
-        if offsets_path.stat().st_size != expected:
-            raise ValueError(f"{offsets_path}: size {offsets_path.stat().st_size} != {expected}")
+        offsets_path, blob_path = self.path / _STORE_OFFSETS, self.path / _STORE_BLOB
+        for file, size in ((offsets_path, 8 * (3 * self._n + 1)), (blob_path, meta["bytes"])):
+            actual = file.stat().st_size if file.is_file() else None
+            if actual != size:
+                found = "missing" if actual is None else f"{actual} bytes"
+                raise CorpusError(f"{file}: {found}, but {meta_path} says {size} bytes")
         self._offsets = np.memmap(offsets_path, dtype="<i8", mode="r")
-        blob_path = self.path / _STORE_BLOB
+        _check_offsets(self._offsets, meta["bytes"], offsets_path)
         # np.memmap cannot map an empty file; an empty blob only happens for an empty store.
-        self._blob = np.memmap(blob_path, np.uint8, "r") if blob_path.stat().st_size else b""
+        self._blob = np.memmap(blob_path, np.uint8, "r") if meta["bytes"] else b""
 
     def __len__(self) -> int:
         return self._n
@@ -245,7 +318,12 @@ class PassageStore:
         a, b, c, d = (int(x) for x in self._offsets[3 * i : 3 * i + 4])
         fields = bytes(self._blob[a:d])
         pid, title, text = fields[: b - a], fields[b - a : c - a], fields[c - a :]
-        return Passage(pid.decode(), title.decode(), text.decode())
+        try:
+            return Passage(pid.decode(), title.decode(), text.decode())
+        except UnicodeDecodeError:
+            raise CorpusError(
+                f"{self.path / _STORE_BLOB}: passage {i} is not UTF-8: the store is damaged"
+            ) from None
 
     def __iter__(self) -> Iterator[Passage]:
         for i in range(self._n):

@@ -23,6 +23,8 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rag_jax.index.checks import check_search_args
+
 
 class SearchResult(NamedTuple):
     """What every backend returns for a batch of B queries and k neighbours.
@@ -159,11 +161,24 @@ class ExactIndex:
         array = jax.make_array_from_callback((padded, H), sharding, rows)
         return ExactIndex(array, N, mesh, doc_axes, chunk_size, approx_recall)
 
+    @property
+    def dim(self) -> int:
+        """H, the vector size."""
+        return self.embeddings.shape[1]
+
     def search(self, queries: jax.Array, k: int) -> SearchResult:
         """Top-k MIPS for (B, H) queries: ids (B, k), scores (B, k), doc vectors (B, k, H).
 
-        Compiled once per (B, k); inside an outer ``jit`` it is simply inlined.
+        Compiled once per (B, k); inside an outer ``jit`` it is simply inlined. B = 0 gives
+        empty results.
+
+        Raises:
+          ValueError: as :func:`~rag_jax.index.checks.check_search_args` (k not an integer in
+            [1, N], queries not (B, H), or concrete queries holding NaN/inf).
         """
+        check_search_args(queries, k, self.dim, self.n_docs)
+        if np.shape(queries)[0] == 0:
+            return _empty_result(k, self.dim)
         return _jitted_exact_search(self, queries, k)
 
 
@@ -178,7 +193,14 @@ def exact_search(index: ExactIndex, queries: jax.Array, k: int) -> SearchResult:
     Returns:
       :class:`SearchResult` with ids (B, k) int32, scores (B, k) float32 (descending) and
       doc_vectors (B, k, H) float32.
+
+    Raises:
+      ValueError: at trace time, for a k or a query shape that does not fit the index (see
+        :func:`~rag_jax.index.checks.check_search_args`); for concrete queries also NaN/inf.
     """
+    check_search_args(queries, k, index.embeddings.shape[1], index.n_docs)
+    if queries.shape[0] == 0:
+        return _empty_result(k, index.embeddings.shape[1])
     search_kwargs = dict(chunk_size=index.chunk_size, approx_recall=index.approx_recall)
     if index.mesh is None:
         scores, ids = chunked_top_k(queries, index.embeddings, k, **search_kwargs)
@@ -214,6 +236,13 @@ def exact_search(index: ExactIndex, queries: jax.Array, k: int) -> SearchResult:
         check_vma=False,  # the merged results are identical on every device by construction
     )(queries, index.embeddings)
     return SearchResult(ids, scores, vectors)
+
+
+def _empty_result(k: int, dim: int) -> SearchResult:
+    """The result for a batch of 0 queries: ids, scores (0, k), doc_vectors (0, k, H)."""
+    return SearchResult(
+        jnp.zeros((0, k), jnp.int32), jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k, dim))
+    )
 
 
 _jitted_exact_search = jax.jit(exact_search, static_argnums=2)

@@ -21,6 +21,23 @@ FORMAT = "rag_jax.index/1"
 BACKENDS = ("exact", "scann")
 
 
+# Types of the manifest fields that loading relies on.
+_FIELD_TYPES = {
+    "encoder_name": str,
+    "encoder_sha256": str,
+    "dim": int,
+    "count": int,
+    "dtype": str,
+    "backend": str,
+    "corpus_sha256": str,
+    "encoder_path": str,
+    "encoder_preprocessing": dict,
+    "backend_config": dict,
+}
+# Preprocessing that must agree between the index's encoder and the one queries are made with.
+_COMPARED = ("pooling", "normalize", "max_length", "tokenizer_sha256")
+
+
 class IndexMismatchError(ValueError):
     """An index directory does not fit what is asked of it (encoder, dim, files)."""
 
@@ -39,8 +56,14 @@ class Manifest:
       corpus_sha256: checksum of the passage store (ids, titles, texts in order).
       source_sha256: SHA-256 of the corpus file the store was read from.
       source: that file's path at build time (informational).
-      encoder_path: where the encoder was loaded from at build time, if known (informational).
+      encoder_path: where the encoder was loaded from at build time, as an absolute path (the
+        search CLI's default document encoder); "" if unknown.
+      encoder_preprocessing: what besides the weights made the vectors: pooling, normalize,
+        max_length, tokenizer_sha256, architecture (``TextEncoder.preprocessing``); loading
+        with an encoder whose pooling, normalisation, max length or tokenizer differ fails.
       n_skipped: bad corpus lines skipped during the build.
+      n_truncated: passages cut at the encoder's max_length tokens (their text beyond it does
+        not reach the vectors); None when the encoder could not count tokens.
       created: build time, ISO 8601 UTC.
       backend_config: the backend's settings.
       format: manifest format version.
@@ -56,7 +79,9 @@ class Manifest:
     source_sha256: str = ""
     source: str = ""
     encoder_path: str = ""
+    encoder_preprocessing: dict[str, Any] = dataclasses.field(default_factory=dict)
     n_skipped: int = 0
+    n_truncated: int | None = None
     created: str = dataclasses.field(
         default_factory=lambda: datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     )
@@ -91,6 +116,14 @@ class Manifest:
         missing = sorted(required - data.keys())
         if missing:
             raise IndexMismatchError(f"{path}: manifest lacks field(s) {', '.join(missing)}")
+        wrong = [
+            f"{name} (expected {kind.__name__}, got {data[name]!r})"
+            for name, kind in _FIELD_TYPES.items()
+            if name in data
+            and (not isinstance(data[name], kind) or isinstance(data[name], bool) != (kind is bool))
+        ]
+        if wrong:
+            raise IndexMismatchError(f"{path}: bad field(s) {', '.join(wrong)}; rebuild the index")
         manifest = Manifest(**{key: value for key, value in data.items() if key in fields})
         if manifest.backend not in BACKENDS:
             raise IndexMismatchError(f"{path}: unknown backend {manifest.backend!r}")
@@ -103,6 +136,7 @@ class Manifest:
         encoder_sha256: str | None = None,
         encoder_name: str | None = None,
         dim: int | None = None,
+        encoder_preprocessing: dict[str, Any] | None = None,
     ) -> None:
         """Raises :class:`IndexMismatchError` if the index was built for another encoder or dim.
 
@@ -111,6 +145,9 @@ class Manifest:
           encoder_sha256: the document encoder the caller uses; None skips the check.
           encoder_name: its name, for the message.
           dim: the query embedding size the caller will search with; None skips the check.
+          encoder_preprocessing: the document encoder's ``TextEncoder.preprocessing``; its
+            pooling, normalize, max_length and tokenizer_sha256 must equal the recorded ones
+            (each compared when both sides record it; None skips the check).
         """
         if dim is not None and dim != self.dim:
             raise IndexMismatchError(
@@ -123,4 +160,16 @@ class Manifest:
                 f"(weights sha256 {self.encoder_sha256[:12]}...) but the document encoder given is "
                 f"{encoder_name or '?'!r} (weights sha256 {encoder_sha256[:12]}...); rebuild the "
                 "index with this encoder or load the one it was built with"
+            )
+        recorded, given = self.encoder_preprocessing, encoder_preprocessing or {}
+        differ = [
+            f"{key} {recorded[key]!r} (index) != {given[key]!r} (given)"
+            for key in _COMPARED
+            if key in recorded and key in given and recorded[key] != given[key]
+        ]
+        if differ:
+            raise IndexMismatchError(
+                f"index {index_dir} was built with encoder {self.encoder_name!r} preprocessing "
+                f"text differently from the encoder given: {'; '.join(differ)}. The same weights "
+                "give other vectors: load the encoder as the index was built"
             )

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_jax.index.checks import check_search_args, positive_int
 from rag_jax.index.exact import SearchResult
 
 _CONFIG_FILE = "scann_index.json"
@@ -95,6 +96,19 @@ class ScannConfig:
     brute_force: bool | None = None
 
     def __post_init__(self):
+        """Checks every setting here, so a bad one fails before a corpus is encoded."""
+        positive_int("ScannConfig.num_leaves", self.num_leaves, minimum=2, allow_none=True)
+        positive_int("ScannConfig.leaves_to_search", self.leaves_to_search, allow_none=True)
+        for name in ("reorder_k", "dims_per_block", "training_sample_size"):
+            positive_int(f"ScannConfig.{name}", getattr(self, name))
+        positive_int("ScannConfig.ah_training_sample_size", self.ah_training_sample_size)
+        threshold = self.anisotropic_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ValueError(
+                f"ScannConfig.anisotropic_threshold must be a number, got {threshold!r}"
+            )
+        if not math.isfinite(threshold):
+            raise ValueError(f"ScannConfig.anisotropic_threshold must be finite, got {threshold}")
         if self.reorder_dtype not in _REORDER_TYPES:
             raise ValueError(
                 f"ScannConfig.reorder_dtype must be one of {sorted(_REORDER_TYPES)}, "
@@ -148,8 +162,18 @@ class ScannIndex:
         from scann.scann_ops.py.scann_builder import ReorderType
 
         n = embeddings.shape[0]
+        if embeddings.ndim != 2 or n == 0:
+            raise ValueError(
+                f"embeddings must have shape (N, H) with N >= 1, got {embeddings.shape}"
+            )
         config = (config or ScannConfig()).resolve(n)
         data = np.ascontiguousarray(embeddings, dtype=np.float32)
+        finite = np.isfinite(data).all(axis=1)
+        if not finite.all():  # ScaNN would abort the whole process from C++ on them
+            bad = np.flatnonzero(~finite)
+            raise ValueError(
+                f"embeddings hold NaN or inf in {len(bad)} row(s), the first row {bad[0]}"
+            )
         builder = scann.scann_ops_pybind.builder(data, 10, "dot_product")
         if config.brute_force:
             builder = builder.score_brute_force()
@@ -189,11 +213,23 @@ class ScannIndex:
           :class:`SearchResult` of NumPy arrays: ids (B, k) int32, scores (B, k) float32 (exact
           float32 inner products with the stored embeddings, in descending order),
           doc_vectors (B, k, H) float32. If ScaNN finds fewer than k candidates, missing slots
-          hold id -1, score -inf and a zero vector.
+          hold id -1, score -inf and a zero vector. B = 0 gives empty results.
+
+        Raises:
+          ValueError: as :func:`~rag_jax.index.checks.check_search_args`, and for
+            ``leaves_to_search`` or ``reorder_k`` below 1.
         """
-        if not 0 < k <= self.n_docs:
-            raise ValueError(f"k must be in [1, {self.n_docs}], got {k}")
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        check_search_args(queries, k, self.embeddings.shape[1], self.n_docs)
+        positive_int("leaves_to_search", leaves_to_search, allow_none=True)
+        positive_int("reorder_k", reorder_k, allow_none=True)
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(queries) == 0:
+            dim = self.embeddings.shape[1]
+            return SearchResult(
+                np.zeros((0, k), np.int32),
+                np.zeros((0, k), np.float32),
+                np.zeros((0, k, dim), np.float32),
+            )
         leaves = leaves_to_search or self.config.leaves_to_search
         # Candidates taken from ScaNN: k, and a few more when it ranks them by bfloat16 scores.
         fetch = k
@@ -281,15 +317,13 @@ class ScannIndex:
           ValueError: on a bad argument, or if even every leaf with ``max_reorder_k``
             candidates stays below ``target_recall``.
         """
-        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if not 0 < k <= self.n_docs:
-            raise ValueError(f"k must be in [1, {self.n_docs}], got {k}")
+        check_search_args(queries, k, self.embeddings.shape[1], self.n_docs)
+        if len(queries) == 0:
+            raise ValueError("queries must hold at least one sample query")
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         if not 0.0 < target_recall <= 1.0:
             raise ValueError(f"target_recall must be in (0, 1], got {target_recall}")
-        if queries.shape[1] != self.embeddings.shape[1]:
-            raise ValueError(
-                f"queries have dimension {queries.shape[1]}, the index {self.embeddings.shape[1]}"
-            )
+        positive_int("max_reorder_k", max_reorder_k, allow_none=True)
         if self.config.brute_force:
             return self.config  # scores every point: nothing to tune
         exact_ids = exact_top_k(self.embeddings, queries, k)
@@ -330,7 +364,12 @@ class ScannIndex:
 
     @staticmethod
     def load(path: str | os.PathLike, embeddings: np.ndarray) -> ScannIndex:
-        """Loads a searcher saved by :meth:`save`; ``embeddings`` are the (N, H) stored vectors."""
+        """Loads a searcher saved by :meth:`save`; ``embeddings`` are the (N, H) stored vectors.
+
+        Raises:
+          FileNotFoundError: no saved searcher in ``path``.
+          ValueError: a damaged directory (settings, assets or ScaNN's files), naming the file.
+        """
         from scann.scann_ops.py import scann_ops_pybind
 
         path = Path(path)
@@ -341,12 +380,14 @@ class ScannIndex:
             # ScaNN's own loader would unpickle this file; we never write it and never unpickle.
             raise ValueError(f"{path}: refusing to load a ScaNN directory holding a pickle")
         assets_text = assets.read_text()
-        fields = json.loads((path / _CONFIG_FILE).read_text())
-        if "reorder_dtype" not in fields:  # saved before the field existed: read ScaNN's assets
-            bf16 = "asset_type: BF16_DATASET_NPY" in assets_text
-            fields["reorder_dtype"] = "bfloat16" if bf16 else "float32"
-        config = ScannConfig(**fields)
-        native = scann_ops_pybind.scann_pybind.ScannNumpy(str(path), assets_text)
+        config = _read_config(path / _CONFIG_FILE, assets_text)
+        try:
+            native = scann_ops_pybind.scann_pybind.ScannNumpy(str(path), assets_text)
+        except (RuntimeError, ValueError) as error:  # e.g. "File too short" for a cut file
+            raise ValueError(
+                f"{path}: ScaNN cannot read its saved searcher ({error}); a file listed in "
+                f"{assets} is damaged or truncated: rebuild the index"
+            ) from None
         searcher = scann_ops_pybind.ScannSearcher(native)
         if searcher.size() != embeddings.shape[0]:
             raise ValueError(
@@ -354,6 +395,32 @@ class ScannIndex:
                 f"have {embeddings.shape[0]} rows"
             )
         return ScannIndex(searcher, embeddings, config)
+
+
+def _read_config(path: Path, assets_text: str) -> ScannConfig:
+    """The settings saved in ``scann_index.json``; every problem names the file."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: rebuild the index")
+    try:
+        fields = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); rebuild the index") from None
+    if not isinstance(fields, dict):
+        raise ValueError(f"{path}: expected a JSON object; rebuild the index")
+    known = {f.name for f in dataclasses.fields(ScannConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown setting(s) {unknown} (written by another version?); known: "
+            f"{sorted(known)}"
+        )
+    if "reorder_dtype" not in fields:  # saved before the field existed: read ScaNN's assets
+        bf16 = "asset_type: BF16_DATASET_NPY" in assets_text
+        fields["reorder_dtype"] = "bfloat16" if bf16 else "float32"
+    try:
+        return ScannConfig(**fields)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
 
 
 def exact_top_k(

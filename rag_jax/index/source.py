@@ -22,7 +22,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from jax.sharding import Mesh
 
-from rag_jax.index.corpus import Passage, PassageStore
+from rag_jax.index.corpus import CorpusError, Passage, PassageStore
 from rag_jax.index.exact import ExactIndex, SearchResult
 from rag_jax.index.manifest import IndexMismatchError, Manifest
 from rag_jax.index.scann_index import ScannConfig, ScannIndex
@@ -51,17 +51,30 @@ class LoadedIndex(NamedTuple):
     path: Path
 
 
+REBUILD = "rebuild the index (python -m rag_jax.index build ...)"
+
+
 def open_embeddings(index_dir: str | os.PathLike, manifest: Manifest) -> np.ndarray:
-    """Memory-maps ``embeddings.npy`` and checks its shape and dtype against the manifest."""
+    """Memory-maps ``embeddings.npy`` and checks its shape and dtype against the manifest.
+
+    The file is read as plain array data (never unpickled); a damaged file is an
+    :class:`IndexMismatchError` naming it.
+    """
     path = Path(index_dir) / EMBEDDINGS_FILE
     if not path.is_file():
-        raise IndexMismatchError(f"index {index_dir} has no {EMBEDDINGS_FILE}")
-    embeddings = np.load(path, mmap_mode="r")
+        raise IndexMismatchError(f"index {index_dir} has no {EMBEDDINGS_FILE}; {REBUILD}")
+    try:
+        embeddings = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        kind = type(error).__name__
+        raise IndexMismatchError(
+            f"{path}: not a readable .npy array ({kind}: damaged or truncated); {REBUILD}"
+        ) from None
     expected = ((manifest.count, manifest.dim), manifest.dtype)
     if (embeddings.shape, str(embeddings.dtype)) != expected:
         raise IndexMismatchError(
             f"{path}: shape {embeddings.shape} dtype {embeddings.dtype} but the manifest says "
-            f"shape {expected[0]} dtype {expected[1]}"
+            f"shape {expected[0]} dtype {expected[1]}; {REBUILD}"
         )
     return embeddings
 
@@ -73,6 +86,7 @@ def load_index(
     encoder_sha256: str | None = None,
     encoder_name: str | None = None,
     dim: int | None = None,
+    encoder_preprocessing: dict | None = None,
     mesh: Mesh | None = None,
     chunk_size: int = 16384,
     approx_recall: float | None = None,
@@ -84,21 +98,33 @@ def load_index(
       backend: "exact" or "scann"; default the one it was built with.
       encoder_sha256, encoder_name: the document encoder the caller expects (None: not checked).
       dim: the query embedding size the caller will search with (None: not checked).
+      encoder_preprocessing: the document encoder's ``TextEncoder.preprocessing`` (None: not
+        checked); see :meth:`Manifest.check`.
       mesh: for "exact", shard the embeddings over this mesh's devices.
       chunk_size, approx_recall: for "exact", see :class:`ExactIndex`.
 
     Raises:
-      IndexMismatchError: another encoder or dim, or files that disagree with the manifest.
+      IndexMismatchError: another encoder, preprocessing or dim, or files that are missing,
+        damaged or disagree with the manifest (each naming the file).
     """
     index_dir = Path(index_dir)
     manifest = Manifest.read(index_dir)
-    manifest.check(index_dir, encoder_sha256=encoder_sha256, encoder_name=encoder_name, dim=dim)
-    passages = PassageStore(index_dir / PASSAGES_DIR)
+    manifest.check(
+        index_dir,
+        encoder_sha256=encoder_sha256,
+        encoder_name=encoder_name,
+        dim=dim,
+        encoder_preprocessing=encoder_preprocessing,
+    )
+    try:
+        passages = PassageStore(index_dir / PASSAGES_DIR)
+    except (CorpusError, FileNotFoundError) as error:
+        raise IndexMismatchError(f"{error}; {REBUILD}") from None
     if (len(passages), passages.sha256) != (manifest.count, manifest.corpus_sha256):
         raise IndexMismatchError(
             f"index {index_dir}: passage store ({len(passages)} passages, sha256 "
             f"{passages.sha256[:12]}...) does not match the manifest ({manifest.count}, "
-            f"{manifest.corpus_sha256[:12]}...)"
+            f"{manifest.corpus_sha256[:12]}...); {REBUILD}"
         )
     embeddings = open_embeddings(index_dir, manifest)
     backend = backend or manifest.backend
@@ -123,6 +149,7 @@ def tune_index(
     *,
     encoder_sha256: str | None = None,
     encoder_name: str | None = None,
+    encoder_preprocessing: dict | None = None,
 ) -> ScannConfig:
     """Tunes the ScaNN search settings of an index directory and saves them there.
 
@@ -131,8 +158,9 @@ def tune_index(
     atomically); the searcher itself is not rewritten. Later loads search with them.
 
     Args:
-      encoder_sha256, encoder_name: the document encoder the queries' encoder pairs with, checked
-        against the manifest as in :func:`load_index` (None skips the check).
+      encoder_sha256, encoder_name, encoder_preprocessing: the document encoder the queries'
+        encoder pairs with, checked against the manifest as in :func:`load_index` (None skips
+        the check).
 
     Raises:
       IndexMismatchError: if the directory has no ScaNN searcher, another dim than the queries
@@ -140,13 +168,14 @@ def tune_index(
       ValueError: as :meth:`ScannIndex.tune`.
     """
     index_dir = Path(index_dir)
-    queries = np.atleast_2d(np.asarray(queries, np.float32))
+    queries = np.asarray(queries, np.float32)
     loaded = load_index(
         index_dir,
         backend="scann",
         encoder_sha256=encoder_sha256,
         encoder_name=encoder_name,
-        dim=queries.shape[-1],
+        encoder_preprocessing=encoder_preprocessing,
+        dim=queries.shape[-1] if queries.ndim == 2 else None,
     )
     config = loaded.index.tune(queries, k, target_recall)
     loaded.index.save_config(index_dir / SCANN_DIR)
@@ -172,8 +201,8 @@ class KnowledgeSource:
     Args:
       index_dir: the index directory to open.
       backend, mesh, chunk_size, approx_recall: as in :func:`load_index`, kept for swaps.
-      encoder_sha256, encoder_name: the document encoder every index must have been built with
-        (None: that of the first index).
+      encoder_sha256, encoder_name, encoder_preprocessing: the document encoder every index must
+        have been built with (None: that of the first index).
       dim: the query embedding size every index must match (None: that of the first index).
     """
 
@@ -185,6 +214,7 @@ class KnowledgeSource:
         encoder_sha256: str | None = None,
         encoder_name: str | None = None,
         dim: int | None = None,
+        encoder_preprocessing: dict | None = None,
         mesh: Mesh | None = None,
         chunk_size: int = 16384,
         approx_recall: float | None = None,
@@ -192,13 +222,19 @@ class KnowledgeSource:
         self._options = dict(
             backend=backend, mesh=mesh, chunk_size=chunk_size, approx_recall=approx_recall
         )
-        self._expect = dict(encoder_sha256=encoder_sha256, encoder_name=encoder_name, dim=dim)
+        self._expect = dict(
+            encoder_sha256=encoder_sha256,
+            encoder_name=encoder_name,
+            dim=dim,
+            encoder_preprocessing=encoder_preprocessing,
+        )
         self._lock = threading.Lock()
         self._current = load_index(index_dir, **self._expect, **self._options)
         # Later swaps must match the first index: same query space, same document encoder.
         self._expect["dim"] = self._current.manifest.dim
         self._expect["encoder_sha256"] = self._current.manifest.encoder_sha256
         self._expect["encoder_name"] = self._current.manifest.encoder_name
+        self._expect["encoder_preprocessing"] = self._current.manifest.encoder_preprocessing
 
     @property
     def index(self) -> Index:

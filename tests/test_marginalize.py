@@ -2,19 +2,18 @@
 
 import functools
 import math
-import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import RagSequenceForGeneration, RagTokenForGeneration
 
 from rag_jax import _vocab_stats
 from rag_jax import marginalize as mg
+from tests.oracles import reference_nll
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -147,41 +146,6 @@ def test_hands_on_project():
 # ----------------------------------------------------------------------------------------
 # Parity with transformers' PyTorch RagSequenceForGeneration / RagTokenForGeneration.
 # ----------------------------------------------------------------------------------------
-
-PAD = 1
-
-
-def reference_nll(model_cls, logits, doc_scores, targets, target_mask, epsilon):
-    """transformers' get_nll on our aligned inputs; returns (loss, dlogits, ddoc_scores).
-
-    The reference takes decoder inputs ``[B, T+1]`` and shifts them left, and finds padding
-    by the pad id. So we prepend a start column, write PAD where the mask is off, and append
-    one extra logit position, which the shift pairs with a pad and therefore ignores.
-    """
-    B, K, T, V = logits.shape
-    config = types.SimpleNamespace(
-        n_docs=K,
-        bos_token_id=None,
-        generator=types.SimpleNamespace(pad_token_id=PAD, bos_token_id=None),
-    )
-    fake_self = types.SimpleNamespace(config=config)
-    fake_self.marginalize = lambda *a, **k: RagTokenForGeneration.marginalize(fake_self, *a, **k)
-
-    decoder_inputs = np.where(target_mask, targets, PAD)
-    decoder_inputs = np.concatenate([np.full((B, 1), 2), decoder_inputs], axis=1)
-    extra = np.random.default_rng(0).normal(size=(B, K, 1, V))
-    seq_logits = torch.tensor(
-        np.concatenate([logits, extra], axis=2).reshape(B * K, T + 1, V),
-        dtype=torch.float64,
-        requires_grad=True,
-    )
-    scores = torch.tensor(doc_scores, dtype=torch.float64, requires_grad=True)
-    loss = model_cls.get_nll(
-        fake_self, seq_logits, scores, torch.tensor(decoder_inputs), epsilon=epsilon
-    )
-    loss.sum().backward()
-    dlogits = seq_logits.grad.numpy().reshape(B, K, T + 1, V)[:, :, :T]
-    return loss.detach().numpy(), dlogits, scores.grad.numpy()
 
 
 def random_batch(seed, B, K, T, V, min_len, logit_scale=3.0):

@@ -1,0 +1,498 @@
+"""The training loop: RAG's query encoder and generator learned jointly from QA pairs.
+
+``train.py`` is a thin wrapper around :func:`train`. One jitted train step
+(``nnx.value_and_grad`` -> optax update -> metrics) over a ``(data, fsdp)`` mesh; retrieval on
+the host before each step (the question embedded with the current query encoder, no
+gradient); the document encoder and the index are never touched. orbax saves the model, the
+optimizer, the step and the data position, so a run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import signal
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rag_jax.data import BatchBuilder, QAExample, read_qa
+from rag_jax.index import KnowledgeSource
+from rag_jax.marginalize import has_documents
+from rag_jax.models import (
+    Bart,
+    BartConfig,
+    load_bart,
+    load_bert_encoder,
+    load_bert_tokenizer,
+    partitioning,
+)
+from rag_jax.rag import RagBatch, RagConfig, RagModel
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------
+# Building the model, the optimizer and the pipeline from a config
+# --------------------------------------------------------------------------------------
+
+
+def rag_config(config: ml_collections.ConfigDict) -> RagConfig:
+    return RagConfig(**config.rag.to_dict())
+
+
+def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
+    """``(model, question_tokenizer, generator_tokenizer)`` from ``config.model``.
+
+    The query encoder loads from ``model.question_encoder``; the generator either loads from
+    ``model.generator`` or, when that is empty, is initialised from ``model.generator_init``
+    (a BartConfig's fields) on the generator tokenizer's vocabulary and special tokens.
+    """
+    model_config = config.model
+    dtype = jnp.bfloat16 if model_config.bf16 else jnp.float32
+    query_encoder = load_bert_encoder(
+        model_config.question_encoder, dtype=dtype, remat=model_config.remat
+    )
+    question_tokenizer = load_bert_tokenizer(model_config.question_encoder)
+    generator_tokenizer = load_bert_tokenizer(
+        model_config.generator_tokenizer or model_config.generator or model_config.question_encoder
+    )
+    if model_config.generator:
+        generator = load_bart(model_config.generator, dtype=dtype, remat=model_config.remat)
+    else:
+        tok = generator_tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        bart_config = BartConfig(
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            decoder_start_token_id=bos,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            **model_config.generator_init.to_dict(),
+        )
+        generator = Bart(
+            bart_config, dtype=dtype, remat=model_config.remat, rngs=nnx.Rngs(config.seed)
+        )
+    return (
+        RagModel(query_encoder, generator, rag_config(config)),
+        question_tokenizer,
+        generator_tokenizer,
+    )
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """AdamW with linear warmup and linear decay, global-norm clipping, optional gradient
+    accumulation, and non-finite updates skipped (and counted in the optimizer state)."""
+    opt = config.optimizer
+    total_steps = opt.decay_steps or config.train_steps
+    schedule = (
+        optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=opt.learning_rate,
+            warmup_steps=opt.warmup_steps,
+            decay_steps=max(total_steps, opt.warmup_steps + 1),
+            end_value=opt.learning_rate * opt.end_lr_factor,
+        )
+        if opt.schedule == "cosine"
+        else optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1)),
+                optax.linear_schedule(
+                    opt.learning_rate,
+                    opt.learning_rate * opt.end_lr_factor,
+                    max(total_steps - opt.warmup_steps, 1),
+                ),
+            ],
+            [max(opt.warmup_steps, 1)],
+        )
+    )
+    tx = optax.chain(
+        optax.clip_by_global_norm(opt.max_grad_norm),
+        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
+    )
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_consecutive_nonfinite)
+    if opt.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
+    return tx, schedule
+
+
+# --------------------------------------------------------------------------------------
+# The train step
+# --------------------------------------------------------------------------------------
+
+
+def doc_entropy(doc_scores: jax.Array) -> jax.Array:
+    """Entropy (nats) of ``p(z|x)`` over the K documents, per question: ``[B, K] -> [B]``.
+
+    Falling towards 0 over training is retrieval collapse: every question trusts one document.
+    """
+    log_p = jax.nn.log_softmax(doc_scores, axis=-1)
+    p = jnp.exp(log_p)
+    return -jnp.sum(jnp.where(p > 0, p * log_p, 0.0), axis=-1)
+
+
+def loss_fn(model: RagModel, batch: RagBatch):
+    """Mean ``-log p(y|x)`` over the questions that have documents and targets."""
+    nll, doc_scores = model(batch)  # (B,), (B, K)
+    counted = has_documents(doc_scores) & jnp.any(batch.target_mask, axis=-1)  # (B,)
+    n_counted = jnp.maximum(jnp.sum(counted), 1)
+    loss = jnp.sum(nll) / n_counted
+    return loss, (nll, doc_scores, counted)
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def train_step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
+    """One optimizer step; returns the step's measurements (device scalars)."""
+    (loss, (nll, doc_scores, counted)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
+        model, batch
+    )
+    optimizer.update(model, grads)
+    n_tokens = jnp.sum(batch.target_mask * counted[:, None])
+    return {
+        "loss": loss,  # per sequence: mean over questions of -log p(y|x)
+        "loss_per_token": jnp.sum(nll) / jnp.maximum(n_tokens, 1),
+        "grad_norm": optax.tree.norm(grads),
+        "doc_entropy": jnp.sum(jnp.where(counted, doc_entropy(doc_scores), 0.0))
+        / jnp.maximum(jnp.sum(counted), 1),
+        "questions_without_docs": jnp.sum(~has_documents(doc_scores)),
+        "top_doc_prob": jnp.mean(jnp.max(jax.nn.softmax(doc_scores, axis=-1), axis=-1)),
+    }
+
+
+@nnx.jit
+def embed_questions(model: RagModel, question_ids, question_mask):
+    return model.embed_questions(question_ids, question_mask)
+
+
+def _skipped_updates(opt_state) -> int:
+    """Total non-finite updates that optax.apply_if_finite skipped."""
+    for leaf in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    ):
+        if isinstance(leaf, optax.ApplyIfFiniteState):
+            return int(leaf.total_notfinite)
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Data order, checkpoints, metrics
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DataPosition:
+    """Where the loop is in the data: a deterministic permutation per epoch, by seed."""
+
+    epoch: int = 0
+    index: int = 0
+
+    def next_batch(
+        self, examples: list[QAExample], batch_size: int, seed: int, process: tuple[int, int]
+    ):
+        """The next ``batch_size`` examples for this process (its slice of the global batch)."""
+        n = len(examples)
+        chosen = []
+        while len(chosen) < batch_size * process[1]:
+            order = np.random.default_rng([seed, self.epoch]).permutation(n)
+            take = min(batch_size * process[1] - len(chosen), n - self.index)
+            chosen.extend(order[self.index : self.index + take])
+            self.index += take
+            if self.index >= n:
+                self.epoch, self.index = self.epoch + 1, 0
+        mine = chosen[process[0] * batch_size : (process[0] + 1) * batch_size]
+        return [examples[i] for i in mine]
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict:
+    """What must match for a checkpoint in the workdir to be resumable with this config."""
+    return {"model": config.model.to_dict(), "rag": config.rag.to_dict(), "seed": config.seed}
+
+
+def _check_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    record = workdir / "config.json"
+    fingerprint = _fingerprint(config)
+    if record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") != fingerprint and (workdir / "checkpoints").exists():
+            diff = sorted(
+                f"{part}.{k}"
+                for part in fingerprint
+                for k in set(fingerprint[part] or {})
+                | set((saved.get("fingerprint") or {}).get(part) or {})
+                if isinstance(fingerprint[part], dict)
+                and (fingerprint[part] or {}).get(k)
+                != ((saved.get("fingerprint") or {}).get(part) or {}).get(k)
+            ) or ["seed"]
+            raise ValueError(
+                f"{workdir} holds checkpoints of another model or config (differs in "
+                f"{', '.join(diff)}); use a new --workdir, or delete {workdir / 'checkpoints'}"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(
+        json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=2, default=str)
+    )
+    tmp.replace(record)
+
+
+class MetricsWriter:
+    """Each logged step as a JSON line in ``metrics.jsonl`` and as TensorBoard scalars."""
+
+    def __init__(self, workdir: Path, enabled: bool):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter  # no TensorFlow needed
+
+        self.jsonl = (workdir / "metrics.jsonl").open("a")
+        self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        for name, value in metrics.items():
+            self.tensorboard.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            self.tensorboard.close()
+
+
+# --------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------
+
+
+class _Preempted:
+    """Set by SIGTERM: the loop saves a checkpoint and returns."""
+
+    def __init__(self):
+        self.flag = False
+
+    def __enter__(self):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _place_on_mesh(model: RagModel, tx, mesh, config) -> nnx.Optimizer:
+    """Moves the model onto ``mesh`` (FSDP-sharded or replicated, as configured) and creates
+    the optimizer there, so its state follows the parameters' shardings."""
+    rules = partitioning.LOGICAL_RULES
+    if not config.mesh.fsdp_params:
+        rules = tuple((name, None) for name, _ in rules)
+    partitioning.shard_module(model, mesh, rules)
+    with jax.set_mesh(mesh):
+        return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def _shard_batch(batch: RagBatch, mesh) -> RagBatch:
+    """Host numpy -> device arrays, the batch axis split over the whole (data, fsdp) mesh."""
+    sharding = NamedSharding(mesh, PartitionSpec(partitioning.MESH_AXES))
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x)
+
+    return jax.tree.map(put, batch)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains as ``config`` says, checkpointing to ``workdir``; returns the last metrics."""
+    workdir = Path(workdir)
+    if jax.process_index() == 0:
+        _check_workdir(workdir, config)
+    examples, n_bad = read_qa(config.data.train, skip_bad=config.data.skip_bad_lines)
+    if n_bad:
+        log.warning("skipped %d bad lines of %s", n_bad, config.data.train)
+
+    mesh = partitioning.make_mesh(data=config.mesh.data)
+    model, question_tokenizer, generator_tokenizer = build_model(config)
+    tx, schedule = make_optimizer(config)
+    optimizer = _place_on_mesh(model, tx, mesh, config)
+
+    knowledge = (
+        None
+        if model.config.closed_book
+        else KnowledgeSource(config.data.index, backend=config.data.index_backend or None)
+    )
+    builder = BatchBuilder(
+        model.config,
+        question_tokenizer,
+        generator_tokenizer,
+        model.generator.config,
+        knowledge=knowledge,
+        embed_fn=lambda ids, mask: embed_questions(model, ids, mask),
+    )
+
+    position = DataPosition()
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
+    )
+    start_step = 0
+    if manager.latest_step() is not None:
+        start_step, position = _restore(manager, model, optimizer)
+        log.info(
+            "resumed from step %d (epoch %d, example %d)",
+            start_step,
+            position.epoch,
+            position.index,
+        )
+
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    process = (jax.process_index(), jax.process_count())
+    per_process = config.batch_size // jax.process_count()
+    window = deque(maxlen=config.collapse.window)
+    last = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=config.train_steps,
+        initial=start_step,
+        desc="train",
+        unit="step",
+        disable=not config.progress or jax.process_index() != 0,
+    )
+    try:
+        with _Preempted() as preempted, jax.set_mesh(mesh):
+            step = start_step
+            while step < config.train_steps:
+                t0 = time.perf_counter()
+                host = builder(position.next_batch(examples, per_process, config.seed, process))
+                batch = _shard_batch(host.batch, mesh)
+                t1 = time.perf_counter()
+                metrics = train_step(model, optimizer, batch)
+                step += 1
+                window.extend(host.doc_ids[host.doc_ids >= 0].tolist())
+                if step % config.log_every == 0 or step == config.train_steps:
+                    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    t2 = time.perf_counter()
+                    metrics.update(
+                        host_seconds=t1 - t0,
+                        device_seconds=t2 - t1,
+                        examples_per_second=config.batch_size / (t2 - t0),
+                        target_tokens_per_second=float(host.batch.target_mask.sum())
+                        * process[1]
+                        / (t2 - t0),
+                        learning_rate=float(schedule(step)),
+                        skipped_updates=_skipped_updates(optimizer.opt_state),
+                        distinct_docs_in_window=len(set(window)),
+                        **{f"truncated_{k}": v for k, v in host.n_truncated.items()},
+                    )
+                    _watch_collapse(metrics, config, model.config)
+                    writer.write(step, metrics)
+                    bar.set_postfix(
+                        loss=f"{metrics['loss']:.3f}", H=f"{metrics['doc_entropy']:.2f}"
+                    )
+                    last = metrics
+                bar.update(1)
+                if (
+                    step % config.checkpoint.every == 0
+                    or step == config.train_steps
+                    or preempted.flag
+                ):
+                    _save(manager, step, model, optimizer, position)
+                if preempted.flag:
+                    log.warning("SIGTERM: saved step %d and stopped", step)
+                    break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        bar.close()
+    return last
+
+
+def _watch_collapse(metrics: dict, config, model_config: RagConfig) -> None:
+    if model_config.closed_book:
+        return
+    if metrics["doc_entropy"] < config.collapse.min_entropy:
+        log.warning(
+            "retrieval collapse? mean entropy of p(z|x) is %.3f nats (threshold %.3f)",
+            metrics["doc_entropy"],
+            config.collapse.min_entropy,
+        )
+    if 0 < metrics["distinct_docs_in_window"] < config.collapse.min_distinct_docs:
+        log.warning(
+            "retrieval collapse? only %d distinct documents over the last %d retrieved",
+            metrics["distinct_docs_in_window"],
+            config.collapse.window,
+        )
+
+
+def _train_state(model: RagModel, optimizer: nnx.Optimizer) -> nnx.State:
+    """Everything a resume needs from the networks: parameters and optimizer state."""
+    return nnx.State({"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)})
+
+
+def _save(
+    manager, step: int, model: RagModel, optimizer: nnx.Optimizer, position: DataPosition
+) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(nnx.to_pure_dict(_train_state(model, optimizer))),
+            position=ocp.args.JsonSave(dataclasses.asdict(position)),
+        ),
+    )
+
+
+def _restore(
+    manager, model: RagModel, optimizer: nnx.Optimizer, step: int | None = None
+) -> tuple[int, DataPosition]:
+    step = manager.latest_step() if step is None else step
+    state = _train_state(model, optimizer)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(nnx.to_pure_dict(state)),
+            position=ocp.args.JsonRestore(),
+        ),
+    )
+    nnx.replace_by_pure_dict(state, restored["state"])
+    nnx.update(model, state["params"])
+    nnx.update(optimizer, state["optimizer"])
+    return step, DataPosition(**restored["position"])
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+    """``(model, question_tokenizer, generator_tokenizer)`` restored from ``workdir``'s
+    checkpoint (the latest, or ``step``), for evaluation and decoding.
+
+    Raises:
+      FileNotFoundError: ``workdir`` holds no checkpoint.
+    """
+    model, question_tokenizer, generator_tokenizer = build_model(config)
+    tx, _ = make_optimizer(config)
+    optimizer = _place_on_mesh(model, tx, partitioning.make_mesh(data=config.mesh.data), config)
+    directory = (Path(workdir) / "checkpoints").absolute()
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{workdir} holds no checkpoint (no {directory})")
+    with ocp.CheckpointManager(directory) as manager:
+        if manager.latest_step() is None:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        _restore(manager, model, optimizer, step)
+    return model, question_tokenizer, generator_tokenizer

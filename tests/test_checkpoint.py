@@ -3,13 +3,17 @@
 import json
 import pickle
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from rag_jax.models import checkpoint
+from rag_jax.models import checkpoint, layers, partitioning
+from rag_jax.models.bart import Bart, BartConfig, load_bart, save_bart
+from rag_jax.models.bert import BertConfig, BertEncoder, load_bert_encoder, save_bert_encoder
 from rag_jax.models.checkpoint import (
     CheckpointError,
     assign_params,
@@ -18,6 +22,7 @@ from rag_jax.models.checkpoint import (
     read_state_dict,
     save_hf_checkpoint,
 )
+from tests.oracles import TINY_BERT
 
 
 def _weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -284,3 +289,63 @@ def test_refuses_non_finite_weights_and_bad_config(tmp_path):
     with pytest.raises(TypeError, match="not JSON serializable"):
         save_hf_checkpoint(target, _weights(1), {"dtype": np.float32})
     _assert_untouched(target)
+
+
+# --- loading into an abstract model ------------------------------------------------------------
+
+
+def _saved_models(tmp_path):
+    """A tiny BERT encoder and BART saved in the Hugging Face layout, and the loaders' args."""
+    bert_config = BertConfig(
+        vocab_size=40, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=12, projection_dim=4,
+    )  # fmt: skip
+    bart_config = BartConfig(
+        vocab_size=40, d_model=8, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=12, decoder_ffn_dim=12,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    save_bert_encoder(BertEncoder(bert_config, rngs=nnx.Rngs(1)), tmp_path / "bert")
+    bart = Bart(bart_config, rngs=nnx.Rngs(2))
+    bart.final_logits_bias.set_value(jnp.arange(40, dtype=jnp.float32))
+    save_bart(bart, tmp_path / "bart")
+    return [(load_bert_encoder, tmp_path / "bert"), (load_bart, tmp_path / "bart")]
+
+
+def test_loading_runs_no_random_initialisation(tmp_path, monkeypatch):
+    loads = _saved_models(tmp_path)
+    concrete_calls = []
+    initializer = layers.INIT
+
+    def counting_init(key, shape, dtype=jnp.float32):
+        if not isinstance(key, jax.core.Tracer):  # computed, not only traced
+            concrete_calls.append(shape)
+        return initializer(key, shape, dtype)
+
+    monkeypatch.setattr(layers, "INIT", counting_init)
+    BertEncoder(BertConfig(**TINY_BERT), rngs=nnx.Rngs(0))
+    assert concrete_calls, "the counter sees a random initialisation"
+    concrete_calls.clear()
+    for load, directory in loads:
+        load(directory)
+    assert concrete_calls == []
+
+
+def test_load_into_a_mesh_equals_the_unsharded_load(tmp_path):
+    mesh = partitioning.make_mesh(data=2)  # (data, fsdp) = (2, 2) over the 4 CPU devices
+    for load, directory in _saved_models(tmp_path):
+        unsharded, sharded = load(directory), load(directory, mesh=mesh)
+        expected = nnx.to_flat_state(nnx.state(unsharded))
+        actual = dict(nnx.to_flat_state(nnx.state(sharded)))
+        split = 0
+        for path, variable in expected:
+            value, expected_value = actual[path].get_value(), variable.get_value()
+            assert value.sharding.mesh == mesh, path
+            split += "fsdp" in jax.tree.leaves(tuple(value.sharding.spec))
+            if jnp.issubdtype(value.dtype, jax.dtypes.prng_key):
+                value, expected_value = map(jax.random.key_data, (value, expected_value))
+            np.testing.assert_array_equal(value, expected_value, err_msg=str(path))
+        assert split >= 4  # the kernels are split over fsdp, not merely replicated
+        assert jax.tree.map(lambda v: v.shape, nnx.state(sharded)) == jax.tree.map(
+            lambda v: v.shape, nnx.state(unsharded)
+        )

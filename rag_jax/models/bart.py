@@ -41,12 +41,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
+from jax.sharding import Mesh
 
 from rag_jax.models import layers, precision
 from rag_jax.models.checkpoint import (
     CheckpointError,
+    abstract_module,
     assign_params,
     module_params,
+    param_paths,
     read_hf_config,
     read_state_dict,
     save_hf_checkpoint,
@@ -582,8 +585,11 @@ def load_bart(
     prefix: str | None = None,
     dtype=jnp.float32,
     remat: bool = False,
+    mesh: Mesh | None = None,
 ) -> Bart:
     """Loads a Hugging Face BART/mBART ForConditionalGeneration checkpoint directory.
+
+    The model is built abstractly and filled from the checkpoint: no random initialisation.
 
     Args:
       checkpoint_dir: config.json plus model.safetensors (or pytorch_model.bin, read with
@@ -593,6 +599,8 @@ def load_bart(
       prefix: weight-name prefix to load from; default "generator." for RAG checkpoints.
       dtype: compute dtype (params are float32).
       remat: rematerialise each layer in the backward pass.
+      mesh: a ``(data, fsdp)`` mesh (``partitioning.make_mesh``): each weight goes straight
+        into its shards (``partitioning.param_shardings``); None: the default device.
 
     Raises:
       FileNotFoundError: no such directory, no config.json, or no weights file.
@@ -628,16 +636,16 @@ def load_bart(
             f"expected (1, {config.vocab_size})"
         )
 
-    model = Bart(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0))
-    path_of = {_hf_name(path): path for path in module_params(model)}
+    model = abstract_module(lambda: Bart(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
+    model.final_logits_bias.set_value(jnp.asarray(bias[0], jnp.float32))
+    path_of = {_hf_name(path): path for path in param_paths(model)}
     params, names = {}, {}
     for name, value in state_dict.items():
         path = path_of.get(name, name)  # an unknown name stays as is and is reported unexpected
         params[path] = value.T if path.endswith(".kernel") and value.ndim == 2 else value
         if path != name:
             names[path] = name
-    assign_params(model, params, source=source, source_names=names)
-    model.final_logits_bias.set_value(jnp.asarray(bias[0], jnp.float32))
+    assign_params(model, params, source=source, source_names=names, mesh=mesh)
     return model
 
 

@@ -24,12 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from rag_jax.models import layers
 from rag_jax.models.checkpoint import (
     CheckpointError,
+    abstract_module,
     assign_params,
     module_params,
+    param_paths,
     read_hf_config,
     read_state_dict,
     save_hf_checkpoint,
@@ -43,6 +46,7 @@ from rag_jax.models.sentence_transformers import (
 
 Array = jax.Array
 Pooling = Literal["cls", "mean"]
+Architecture = Literal["BertModel", "DPRQuestionEncoder", "DPRContextEncoder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,7 +273,9 @@ class BertEncoder(nnx.Module):
 
     ``pooling="cls"`` takes the last-layer [CLS] vector (DPR; the BERT pooler is not used),
     ``"mean"`` the masked mean over tokens (sentence-transformers). ``add_pooling_layer``,
-    ``dtype`` and ``remat`` are ``BertModel``'s.
+    ``dtype`` and ``remat`` are ``BertModel``'s. ``source_architecture``: the Hugging Face
+    layout the weights come from (``load_bert_encoder`` sets it), fixed at construction; the
+    layout ``save_bert_encoder`` writes by default.
     """
 
     def __init__(
@@ -281,6 +287,7 @@ class BertEncoder(nnx.Module):
         add_pooling_layer: bool = True,
         dtype: Any = jnp.float32,
         remat: bool = False,
+        source_architecture: Architecture | None = None,
         rngs: nnx.Rngs,
     ):
         if pooling not in ("cls", "mean"):
@@ -292,7 +299,12 @@ class BertEncoder(nnx.Module):
         self.projection = layers.dense(H, P, (EMBED, None), dtype, rngs) if P > 0 else None
         self.pooling = pooling
         self.normalize = normalize
-        self.source_architecture: str | None = None  # Hugging Face layout it was loaded from
+        self._source_architecture = source_architecture
+
+    @property
+    def source_architecture(self) -> Architecture | None:
+        """The Hugging Face layout the weights were loaded from (read-only), or None."""
+        return self._source_architecture
 
     @property
     def output_dim(self) -> int:
@@ -391,8 +403,11 @@ def load_bert_encoder(
     normalize: bool | None = None,
     dtype: Any = jnp.float32,
     remat: bool = False,
+    mesh: Mesh | None = None,
 ) -> BertEncoder:
     """Loads a BertEncoder from a local Hugging Face checkpoint directory.
+
+    The encoder is built abstractly and filled from the checkpoint: no random initialisation.
 
     Reads ``BertModel`` checkpoints (keys with or without ``bert.``), ``DPRQuestionEncoder``
     (``question_encoder.bert_model.*`` + ``encode_proj``), ``DPRContextEncoder``
@@ -406,9 +421,11 @@ def load_bert_encoder(
         module (all-MiniLM-L6-v2 does, DPR does not), as the index's ``load_text_encoder``.
       dtype: compute dtype (parameters stay float32).
       remat: rematerialise each layer in the backward pass.
+      mesh: a ``(data, fsdp)`` mesh (``partitioning.make_mesh``): each weight goes straight
+        into its shards (``partitioning.param_shardings``); None: the default device.
 
     Returns:
-      The encoder, weights loaded, with ``source_architecture`` set to the layout it came from.
+      The encoder, weights loaded, with ``source_architecture`` the layout it came from.
 
     Raises:
       CheckpointError: a config field of the wrong type or range (naming config.json and the
@@ -444,26 +461,27 @@ def load_bert_encoder(
     config = BertConfig.from_hf_config(hf_config)
     pooling = pooling or spec.pooling or "cls"
     normalize = spec.normalize if normalize is None else normalize
-    encoder = BertEncoder(
-        config,
-        pooling=pooling,
-        normalize=normalize,
-        add_pooling_layer=f"{bert_prefix}pooler.dense.weight" in state_dict,
-        dtype=dtype,
-        remat=remat,
-        rngs=nnx.Rngs(0),
+    encoder = abstract_module(
+        lambda: BertEncoder(
+            config,
+            pooling=pooling,
+            normalize=normalize,
+            add_pooling_layer=f"{bert_prefix}pooler.dense.weight" in state_dict,
+            dtype=dtype,
+            remat=remat,
+            source_architecture=architecture,
+            rngs=nnx.Rngs(0),
+        )
     )
     projection_name = _LAYOUTS[architecture][1] or "encode_proj"
-    hf_names = {
-        path: _hf_name(path, bert_prefix, projection_name) for path in module_params(encoder)
-    }
+    hf_names = {path: _hf_name(path, bert_prefix, projection_name) for path in param_paths(encoder)}
     nnx_paths = {hf: path for path, hf in hf_names.items()}
     params = {  # unknown keys keep their checkpoint name and are reported as unexpected
         nnx_paths.get(key, key): value.T if nnx_paths.get(key, "").endswith("kernel") else value
         for key, value in state_dict.items()
     }
-    assign_params(encoder, params, source=f"checkpoint {str(directory)!r}", source_names=hf_names)
-    encoder.source_architecture = architecture
+    source = f"checkpoint {str(directory)!r}"
+    assign_params(encoder, params, source=source, source_names=hf_names, mesh=mesh)
     return encoder
 
 
@@ -471,7 +489,7 @@ def save_bert_encoder(
     encoder: BertEncoder,
     checkpoint_dir: str | os.PathLike,
     *,
-    architecture: Literal["BertModel", "DPRQuestionEncoder", "DPRContextEncoder"] | None = None,
+    architecture: Architecture | None = None,
 ) -> None:
     """Saves ``encoder`` in the Hugging Face layout that transformers' ``from_pretrained`` reads.
 

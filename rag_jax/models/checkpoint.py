@@ -8,8 +8,10 @@ A Hugging Face checkpoint directory holds ``config.json`` and the weights as ``m
 ``question_encoder.`` / ``generator.`` (behind ``rag.`` when saved from ``Rag*ForGeneration``).
 
 Model files map Hugging Face names to NNX parameter paths (dotted strings such as
-``"encoder.layers.0.attention.query.kernel"``) and call :func:`assign_params`, which checks
-everything at once and raises a single :class:`CheckpointError`.
+``"encoder.layers.0.attention.query.kernel"``), build the module abstractly
+(:func:`abstract_module`: shapes only, no parameter is initialised) and call
+:func:`assign_params`, which checks everything at once, raises a single :class:`CheckpointError`,
+and places each value on the device (or straight into its shard of a mesh).
 """
 
 import contextlib
@@ -17,14 +19,17 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 from safetensors.numpy import load_file, save_file
+
+from rag_jax.models import partitioning
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -164,9 +169,30 @@ def read_state_dict(
     )
 
 
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
+
+
+def abstract_module(make: Callable[[], ModuleT]) -> ModuleT:
+    """The module ``make()`` builds, its parameters abstract (``jax.ShapeDtypeStruct``).
+
+    No parameter is initialised: ``nnx.eval_shape`` only traces the constructor. The other
+    variables (dropout RNG streams, buffers) are small and get the values ``make()`` would give
+    them, from one jitted call whose parameter initialisers XLA drops as dead code. Fill the
+    parameters with :func:`assign_params`.
+    """
+    module = nnx.eval_shape(make)
+    nnx.update(module, jax.jit(lambda: nnx.state(make(), nnx.Not(nnx.Param)))())
+    return module
+
+
 def _flat_params(module: nnx.Module) -> dict[str, nnx.Variable]:
     state = nnx.state(module, nnx.Param)
     return {".".join(map(str, path)): variable for path, variable in nnx.to_flat_state(state)}
+
+
+def param_paths(module: nnx.Module) -> list[str]:
+    """The dotted NNX paths of a module's ``nnx.Param``s (of an abstract module too)."""
+    return list(_flat_params(module))
 
 
 def module_params(module: nnx.Module) -> dict[str, np.ndarray]:
@@ -180,11 +206,14 @@ def assign_params(
     *,
     source: str = "checkpoint",
     source_names: Mapping[str, str] | None = None,
+    mesh: Mesh | None = None,
 ) -> None:
     """Sets every ``nnx.Param`` of ``module`` from ``params`` (keyed by dotted NNX path), in place.
 
     Nothing is assigned unless the mapping matches the module exactly: otherwise one
-    :class:`CheckpointError` lists every missing, unexpected and mis-shaped parameter.
+    :class:`CheckpointError` lists every missing, unexpected and mis-shaped parameter. The module
+    may be abstract (:func:`abstract_module`): only the shapes and dtypes of its parameters are
+    read.
 
     Args:
       module: the NNX module to fill.
@@ -193,6 +222,9 @@ def assign_params(
         parameter's dtype.
       source: what the values come from (a file path), for the error message.
       source_names: optional ``{nnx path: checkpoint key}`` to show checkpoint names in errors.
+      mesh: a ``(data, fsdp)`` mesh: each value goes straight into its shards
+        (``partitioning.param_shardings``), never whole onto one device, and the module's other
+        variables are moved onto the mesh too. None: the default device.
     """
     names = source_names or {}
     targets = _flat_params(module)
@@ -220,8 +252,15 @@ def assign_params(
         raise CheckpointError(
             f"{source} does not match {type(module).__name__} ({counts}):{details}"
         )
+    shardings = {}
+    if mesh is not None:
+        flat = nnx.to_flat_state(partitioning.param_shardings(module, mesh))
+        shardings = {".".join(map(str, path)): var.get_value() for path, var in flat}
     for path, var in targets.items():
-        var.set_value(jnp.asarray(params[path], dtype=var.get_value().dtype))
+        value = np.asarray(params[path], dtype=var.get_value().dtype)
+        var.set_value(jax.device_put(value, shardings.get(path)))
+    if mesh is not None:
+        partitioning.shard_module(module, mesh)  # the rest: RNG streams, buffers
 
 
 def save_hf_checkpoint(

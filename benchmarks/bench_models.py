@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from flax import nnx
 
-from rag_jax.models.bart import load_bart
-from rag_jax.models.bert import load_bert_encoder
+from rag_jax.models.hf_bart import load_bart
+from rag_jax.models.hf_bert import load_bert_encoder
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for tests.oracles, benchmarks.*
 from benchmarks.timing import interleaved_medians

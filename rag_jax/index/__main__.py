@@ -22,7 +22,7 @@ from rag_jax.index.encode import TextEncoder, encode_texts, load_text_encoder
 from rag_jax.index.manifest import IndexMismatchError, Manifest
 from rag_jax.index.scann_index import ScannConfig
 from rag_jax.index.source import KnowledgeSource, tune_index
-from rag_jax.models.checkpoint import CheckpointError
+from rag_jax.models.hf_io import CheckpointError
 
 
 def _at_least(minimum: int):

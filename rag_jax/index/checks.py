@@ -2,6 +2,10 @@
 
 Every check raises ``ValueError`` naming the parameter, so the API and the command line report
 bad input the same way, and before a corpus is encoded or a native library (ScaNN) is called.
+
+Shapes (the project's legend: B batch, K docs per question, W beams, S source length, T target
+length, V vocabulary, H hidden, N corpus size, R flattened rows): B queries, N passages, H vector
+size, k results per query.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ def positive_int(name: str, value: Any, *, minimum: int = 1, allow_none: bool = 
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_search_args(queries: Any, k: Any, dim: int, n_docs: int) -> None:
+def check_search_args(queries: Any, k: Any, dim: int, n_passages: int) -> None:
     """The one rule every backend applies to a search, before the backend sees it.
 
     Args:
@@ -31,7 +35,7 @@ def check_search_args(queries: Any, k: Any, dim: int, n_docs: int) -> None:
         give undefined ids and NaN scores).
       k: neighbours per query, an integer in [1, N].
       dim: H, the index's vector size.
-      n_docs: N, the number of indexed passages.
+      n_passages: N, the number of indexed passages.
 
     Raises:
       ValueError: naming ``k`` or ``queries``: a non-integer or out-of-range k; queries of
@@ -39,8 +43,10 @@ def check_search_args(queries: Any, k: Any, dim: int, n_docs: int) -> None:
     """
     if isinstance(k, bool) or not isinstance(k, int | np.integer):
         raise ValueError(f"k must be an integer, got {k!r}")
-    if not 1 <= k <= n_docs:
-        raise ValueError(f"k must be in [1, {n_docs}] for an index of {n_docs} passages, got {k}")
+    if not 1 <= k <= n_passages:
+        raise ValueError(
+            f"k must be in [1, {n_passages}] for an index of {n_passages} passages, got {k}"
+        )
     shape = np.shape(queries)
     if len(shape) != 2 or shape[1] != dim:
         raise ValueError(f"queries must have shape (B, {dim}), got {shape}")

@@ -13,6 +13,10 @@ Nothing degenerate passes silently: the encoder's weights must be finite, every 
 in its vocabulary, and every vector must be finite and non-zero, or :class:`EncodingError` names
 the first bad passage (or text) and the likely cause. The output file's blocks are reserved
 before encoding, so a full disk is an ``OSError`` at the start, not a SIGBUS in the middle.
+
+Shapes (the project's legend: B batch, K docs per question, W beams, S source length, T target
+length, V vocabulary, H hidden, N corpus size, R flattened rows): N passages, H vector size; a
+batch is B texts of S tokens.
 """
 
 from __future__ import annotations
@@ -203,7 +207,7 @@ def load_text_encoder(
     """
     from flax import nnx
 
-    from rag_jax.models.bert import load_bert_encoder, load_bert_tokenizer
+    from rag_jax.models.hf_bert import load_bert_encoder, load_bert_tokenizer
     from rag_jax.models.inputs import check_tokenizer_vocab, tokenizer_sha256
     from rag_jax.models.sentence_transformers import read_sentence_transformers
 

@@ -8,6 +8,10 @@ plus one sum of the (B, k, H) returned doc vectors, never the corpus.
 
 Everything here is a pure function of arrays, so search runs inside a jitted training step with
 no host round trip; :class:`ExactIndex` is a pytree holding the (sharded) embeddings.
+
+Shapes (the project's legend: B batch, K docs per question, W beams, S source length, T target
+length, V vocabulary, H hidden, N corpus size, R flattened rows): B queries, N passages, H vector
+size, k results per query.
 """
 
 from __future__ import annotations
@@ -116,7 +120,7 @@ class ExactIndex:
 
     Attributes:
       embeddings: (N_padded, H) stored dtype, rows sharded over ``doc_axes`` of ``mesh`` if any.
-      n_docs: N, the real number of documents.
+      n_passages: N, the real number of documents.
       mesh: the mesh the rows are sharded over, or None for a single device.
       doc_axes: the mesh axes the rows are split over (all axes of ``mesh`` by default).
       chunk_size: rows scored at once per device.
@@ -124,7 +128,7 @@ class ExactIndex:
     """
 
     embeddings: jax.Array
-    n_docs: int = dataclasses.field(metadata={"static": True})
+    n_passages: int = dataclasses.field(metadata={"static": True})
     mesh: Mesh | None = dataclasses.field(default=None, metadata={"static": True})
     doc_axes: tuple[str, ...] = dataclasses.field(default=(), metadata={"static": True})
     chunk_size: int = dataclasses.field(default=16384, metadata={"static": True})
@@ -176,7 +180,7 @@ class ExactIndex:
           ValueError: as :func:`~rag_jax.index.checks.check_search_args` (k not an integer in
             [1, N], queries not (B, H), or concrete queries holding NaN/inf).
         """
-        check_search_args(queries, k, self.dim, self.n_docs)
+        check_search_args(queries, k, self.dim, self.n_passages)
         if np.shape(queries)[0] == 0:
             return _empty_result(k, self.dim)
         return _jitted_exact_search(self, queries, k)
@@ -198,7 +202,7 @@ def exact_search(index: ExactIndex, queries: jax.Array, k: int) -> SearchResult:
       ValueError: at trace time, for a k or a query shape that does not fit the index (see
         :func:`~rag_jax.index.checks.check_search_args`); for concrete queries also NaN/inf.
     """
-    check_search_args(queries, k, index.embeddings.shape[1], index.n_docs)
+    check_search_args(queries, k, index.embeddings.shape[1], index.n_passages)
     if queries.shape[0] == 0:
         return _empty_result(k, index.embeddings.shape[1])
     search_kwargs = dict(chunk_size=index.chunk_size, approx_recall=index.approx_recall)
@@ -212,7 +216,7 @@ def exact_search(index: ExactIndex, queries: jax.Array, k: int) -> SearchResult:
 
     def per_shard(queries: jax.Array, docs: jax.Array):
         offset = lax.axis_index(axes) * rows_per_shard
-        local_valid = jnp.clip(index.n_docs - offset, 0, rows_per_shard)
+        local_valid = jnp.clip(index.n_passages - offset, 0, rows_per_shard)
         scores, local_ids = chunked_top_k(
             queries, docs, min(k, rows_per_shard), n_valid=local_valid, **search_kwargs
         )  # (B, k')

@@ -8,6 +8,10 @@ by default). Its best k (k + 4 with bfloat16, which may misorder near ties at th
 are scored once more in float32 against the stored embeddings, and the best k by those exact
 scores are returned. The defaults below give recall@10 >= 0.95 against exact search on our
 tests and benchmark.
+
+Shapes (the project's legend: B batch, K docs per question, W beams, S source length, T target
+length, V vocabulary, H hidden, N corpus size, R flattened rows): B queries, N passages, H vector
+size, k results per query.
 """
 
 from __future__ import annotations
@@ -144,7 +148,7 @@ class ScannIndex:
         self.config = config
 
     @property
-    def n_docs(self) -> int:
+    def n_passages(self) -> int:
         return self.embeddings.shape[0]
 
     @staticmethod
@@ -219,7 +223,7 @@ class ScannIndex:
           ValueError: as :func:`~rag_jax.index.checks.check_search_args`, and for
             ``leaves_to_search`` or ``reorder_k`` below 1.
         """
-        check_search_args(queries, k, self.embeddings.shape[1], self.n_docs)
+        check_search_args(queries, k, self.embeddings.shape[1], self.n_passages)
         positive_int("leaves_to_search", leaves_to_search, allow_none=True)
         positive_int("reorder_k", reorder_k, allow_none=True)
         queries = np.ascontiguousarray(queries, dtype=np.float32)
@@ -234,7 +238,7 @@ class ScannIndex:
         # Candidates taken from ScaNN: k, and a few more when it ranks them by bfloat16 scores.
         fetch = k
         if self.config.reorder_dtype == "bfloat16" and not self.config.brute_force:
-            fetch = min(k + _EXTRA_FOR_BFLOAT16, self.n_docs)
+            fetch = min(k + _EXTRA_FOR_BFLOAT16, self.n_passages)
         reorder = max(fetch, reorder_k or self.config.reorder_k)
         if self.config.brute_force:
             leaves, reorder = -1, -1  # ScaNN's "use the searcher's own setting"
@@ -317,7 +321,7 @@ class ScannIndex:
           ValueError: on a bad argument, or if even every leaf with ``max_reorder_k``
             candidates stays below ``target_recall``.
         """
-        check_search_args(queries, k, self.embeddings.shape[1], self.n_docs)
+        check_search_args(queries, k, self.embeddings.shape[1], self.n_passages)
         if len(queries) == 0:
             raise ValueError("queries must hold at least one sample query")
         queries = np.ascontiguousarray(queries, dtype=np.float32)

@@ -9,6 +9,10 @@ An index directory holds::
 
 Any directory can be opened with the exact backend (it only needs the embeddings), so training can
 retrieve on device from an index built for ScaNN.
+
+Shapes (the project's legend: B batch, K docs per question, W beams, S source length, T target
+length, V vocabulary, H hidden, N corpus size, R flattened rows): B queries, N passages, H vector
+size, k results per query.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ SCANN_DIR = "scann"
 class Index(Protocol):
     """What every search backend offers."""
 
-    n_docs: int
+    n_passages: int
 
     def search(self, queries: Any, k: int) -> SearchResult:
         """Top-k MIPS: ids (B, k), scores (B, k), doc_vectors (B, k, H)."""

@@ -1,34 +1,15 @@
-"""Flax NNX models (BERT encoder, BART generator) and their Hugging Face checkpoint I/O."""
+"""Flax NNX models (BERT encoder, BART generator) and their Hugging Face checkpoint I/O.
+
+What users call is exported here; the helpers behind it (``hf_io.assign_params``,
+``hf_io.read_state_dict``, ``hf_bart.hf_state_dict``, ...) stay importable from their modules.
+"""
 
 from rag_jax.models import partitioning
-from rag_jax.models.bart import (
-    Bart,
-    BartConfig,
-    DecodeCache,
-    EncoderMemory,
-    KeyValue,
-    hf_state_dict,
-    load_bart,
-    save_bart,
-)
-from rag_jax.models.bert import (
-    BertConfig,
-    BertEncoder,
-    BertModel,
-    l2_normalize,
-    load_bert_encoder,
-    load_bert_tokenizer,
-    mean_pool,
-    save_bert_encoder,
-)
-from rag_jax.models.checkpoint import (
-    CheckpointError,
-    assign_params,
-    module_params,
-    read_hf_config,
-    read_state_dict,
-    save_hf_checkpoint,
-)
+from rag_jax.models.bart import Bart, BartConfig, DecodeCache, EncoderMemory, KeyValue
+from rag_jax.models.bert import BertConfig, BertEncoder, BertModel, l2_normalize, mean_pool
+from rag_jax.models.hf_bart import load_bart, save_bart
+from rag_jax.models.hf_bert import load_bert_encoder, load_bert_tokenizer, save_bert_encoder
+from rag_jax.models.hf_io import CheckpointError, read_hf_config, save_hf_checkpoint
 
 __all__ = [
     "Bart",
@@ -40,17 +21,13 @@ __all__ = [
     "DecodeCache",
     "EncoderMemory",
     "KeyValue",
-    "assign_params",
-    "hf_state_dict",
     "l2_normalize",
     "load_bart",
     "load_bert_encoder",
     "load_bert_tokenizer",
     "mean_pool",
-    "module_params",
     "partitioning",
     "read_hf_config",
-    "read_state_dict",
     "save_bart",
     "save_bert_encoder",
     "save_hf_checkpoint",

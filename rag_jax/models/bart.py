@@ -11,50 +11,37 @@ Two ways to run the decoder:
 * ``model(input_ids, attention_mask, decoder_input_ids)`` -- teacher forcing, logits (B, T, V).
 * incremental decoding with a fixed-size key/value cache (the flax ``examples/gemma`` layout)::
 
-      encoder_hidden = model.encode(input_ids, attention_mask)        # (N, S, H), once
+      encoder_hidden = model.encode(input_ids, attention_mask)        # (R, S, H), once
       memory = model.encoder_memory(encoder_hidden, attention_mask)  # cross-attention K/V, once
       memory = memory.repeat(n_beams)                                 # rows b * n_beams + i
       cache = model.init_cache(memory.batch_size, max_len)
-      logits, cache = model.decode_step(token_ids, cache, memory)    # (N, 1) -> (N, 1, V)
+      logits, cache = model.decode_step(token_ids, cache, memory)    # (R, 1) -> (R, 1, V)
 
   ``DecodeCache`` and ``EncoderMemory`` are plain pytrees, so ``decode_step`` runs inside
   ``jax.lax.while_loop`` / ``lax.scan``; ``take(rows)`` reorders either one for beam search.
 
-Checkpoints: ``load_bart`` reads a Hugging Face ``BartForConditionalGeneration`` /
-``MBartForConditionalGeneration`` directory or the generator half of a RAG checkpoint;
-``save_bart`` writes one that transformers loads.
+Hugging Face checkpoints are read and written by ``rag_jax.models.hf_bart`` (``load_bart``,
+``save_bart``); the building blocks (dense, LayerNorm, attention, remat) are
+``rag_jax.models.layers``, shared with BERT.
 
-The building blocks (dense, LayerNorm, attention, remat) are ``rag_jax.models.layers``, shared
-with BERT.
+Shapes (the project's legend: B batch, K docs per question, W beams, S source length, T target
+length, V vocabulary, H hidden, N corpus size, R flattened rows): decoding works on R rows, e.g.
+B·K question-document pairs, times W beams; here also n heads, hd head size, L cache length.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx, struct
-from jax.sharding import Mesh
 
 from rag_jax.models import layers, precision
-from rag_jax.models.checkpoint import (
-    CheckpointError,
-    abstract_module,
-    assign_params,
-    module_params,
-    param_paths,
-    read_hf_config,
-    read_state_dict,
-    save_hf_checkpoint,
-)
-from rag_jax.models.inputs import check_config_fields
+from rag_jax.models.hf_io import CheckpointError
 from rag_jax.models.partitioning import EMBED, HEADS, MLP, VOCAB, axes
 
 Array = jax.Array
@@ -160,13 +147,13 @@ class BartConfig:
 
 @struct.dataclass
 class KeyValue:
-    """Attention keys and values, heads split: key, value (N, L, n_heads, head_dim)."""
+    """Attention keys and values, heads split: key, value (R, L, n_heads, head_dim)."""
 
     key: Array
     value: Array
 
     def write(self, new: KeyValue, index: Array) -> KeyValue:
-        """Stores new (N, T, n, hd) at positions [index, index + T) of this (N, L, n, hd) cache."""
+        """Stores new (R, T, n, hd) at positions [index, index + T) of this (R, L, n, hd) cache."""
         write = lambda old, x: jax.lax.dynamic_update_slice_in_dim(  # noqa: E731
             old, x.astype(old.dtype), index, axis=1
         )
@@ -177,7 +164,7 @@ class KeyValue:
 class EncoderMemory:
     """What the decoder reads of the encoder: cross-attention K/V per decoder layer, and the mask.
 
-    layers[i].key / .value: (N, S, n_heads, head_dim); mask: (N, S) bool, True on real tokens.
+    layers[i].key / .value: (R, S, n_heads, head_dim); mask: (R, S) bool, True on real tokens.
     Computed once per source (``Bart.encoder_memory``) and reused by every decoding step.
     """
 
@@ -189,7 +176,7 @@ class EncoderMemory:
         return self.mask.shape[0]
 
     def take(self, rows: Array) -> EncoderMemory:
-        """Rows ``rows`` (M,) of every array: (N, ...) -> (M, ...)."""
+        """Rows ``rows`` (M,) of every array: (R, ...) -> (M, ...)."""
         return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), self)
 
     def repeat(self, n: int) -> EncoderMemory:
@@ -201,7 +188,7 @@ class EncoderMemory:
 class DecodeCache:
     """Decoder self-attention keys/values of the positions decoded so far, fixed size.
 
-    layers[i].key / .value: (N, max_len, n_heads, head_dim); positions >= end_index are unused.
+    layers[i].key / .value: (R, max_len, n_heads, head_dim); positions >= end_index are unused.
     end_index: () int32, how many positions are filled (= position of the next token).
     """
 
@@ -209,7 +196,7 @@ class DecodeCache:
     end_index: Array
 
     def take(self, rows: Array) -> DecodeCache:
-        """Reorders rows (beam search): (N, ...) -> (M, ...) with row m = old row rows[m]."""
+        """Reorders rows (beam search): (R, ...) -> (M, ...) with row m = old row rows[m]."""
         layers = jax.tree.map(lambda x: jnp.take(x, rows, axis=0), self.layers)
         return DecodeCache(layers=layers, end_index=self.end_index)
 
@@ -475,14 +462,14 @@ class Bart(nnx.Module):
         return logits + self.final_logits_bias[...]
 
     def encode(self, input_ids: Array, attention_mask: Array) -> Array:
-        """input_ids, attention_mask (N, S) -> encoder hidden states (N, S, H)."""
+        """input_ids, attention_mask (R, S) -> encoder hidden states (R, S, H)."""
         return self.encoder(self.embed(input_ids), attention_mask.astype(bool))
 
     def encoder_memory(self, encoder_hidden: Array, attention_mask: Array) -> EncoderMemory:
         """Cross-attention keys/values of every decoder layer, computed once per source.
 
-        encoder_hidden (N, S, H), attention_mask (N, S) -> EncoderMemory with K/V
-        (N, S, n_heads, head_dim) per layer. Repeat or gather its rows for beams/documents.
+        encoder_hidden (R, S, H), attention_mask (R, S) -> EncoderMemory with K/V
+        (R, S, n_heads, head_dim) per layer. Repeat or gather its rows for beams/documents.
         """
         layers = tuple(
             layer.encoder_attn.keys_values(encoder_hidden) for layer in self.decoder.layers
@@ -490,7 +477,7 @@ class Bart(nnx.Module):
         return EncoderMemory(layers=layers, mask=attention_mask.astype(bool))
 
     def init_cache(self, batch_size: int, max_len: int, dtype=None) -> DecodeCache:
-        """An empty cache for up to max_len decoder positions, K/V (N, max_len, n, hd) zeros."""
+        """An empty cache for up to max_len decoder positions, K/V (R, max_len, n, hd) zeros."""
         self.decoder.check_length(max_len)
         config = self.config
         heads = config.decoder_attention_heads
@@ -505,9 +492,9 @@ class Bart(nnx.Module):
     def decode_step(
         self, token_ids: Array, cache: DecodeCache, memory: EncoderMemory
     ) -> tuple[Array, DecodeCache]:
-        """Decodes token_ids (N, T) at positions end_index .. end_index+T-1 (usually T = 1).
+        """Decodes token_ids (R, T) at positions end_index .. end_index+T-1 (usually T = 1).
 
-        Returns logits (N, T, V) float32 and the cache with these positions written in. Equal
+        Returns logits (R, T, V) float32 and the cache with these positions written in. Equal
         to the teacher-forced logits at the same positions. Writing past max_len is not checked
         (positions are traced); size the cache for the longest output.
         """
@@ -517,141 +504,3 @@ class Bart(nnx.Module):
         self_mask = (jnp.arange(max_len)[None, :] <= positions[:, None])[None]  # (1, T, max_len)
         hidden, cache = self.decoder(self.embed(token_ids), positions, self_mask, memory, cache)
         return self.logits(hidden), cache
-
-
-# --------------------------------------------------------------------------------------------
-# Hugging Face checkpoints.
-
-# Copies of model.shared.weight that transformers may store; equal to it in a tied model.
-_TIED_COPIES = (
-    "model.encoder.embed_tokens.weight",
-    "model.decoder.embed_tokens.weight",
-    "lm_head.weight",
-)
-# Stale fairseq entries that transformers ignores too (_keys_to_ignore_on_load_unexpected).
-_IGNORED = ("model.encoder.version", "model.decoder.version")
-
-
-def _hf_name(path: str) -> str:
-    """NNX path -> HF name: 'encoder.layers.0.fc1.kernel' -> 'model.encoder.layers.0.fc1.weight'."""
-    module, leaf = path.rsplit(".", 1)
-    return f"model.{module}.{'bias' if leaf == 'bias' else 'weight'}"
-
-
-def _to_hf(path: str, value: np.ndarray) -> np.ndarray:
-    return value.T if path.endswith(".kernel") else value  # torch Linear stores (out, in)
-
-
-def hf_state_dict(model: Bart) -> dict[str, np.ndarray]:
-    """The model's weights under BartForConditionalGeneration names, torch layouts, float32."""
-    state_dict = {_hf_name(p): _to_hf(p, v) for p, v in module_params(model).items()}
-    state_dict["final_logits_bias"] = np.asarray(model.final_logits_bias[...])[None, :]  # (1, V)
-    return {name: np.asarray(value, np.float32) for name, value in state_dict.items()}
-
-
-def _untie(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarray]:
-    """Drops stored copies of the tied embedding (after checking they are copies)."""
-    state_dict = {k: v for k, v in state_dict.items() if k not in _IGNORED}
-    copies = {k: state_dict.pop(k) for k in _TIED_COPIES if k in state_dict}
-    if "model.shared.weight" not in state_dict and copies:
-        state_dict["model.shared.weight"] = next(iter(copies.values()))
-    shared = state_dict.get("model.shared.weight")
-    for name, copy in copies.items():
-        if shared is not None and not np.array_equal(copy, shared):
-            raise CheckpointError(
-                f"{source}: {name} differs from model.shared.weight; BART's embeddings and LM "
-                "head must be tied"
-            )
-    return state_dict
-
-
-# Config fields that must be > 0 (checked with their types when a checkpoint is loaded).
-_POSITIVE_FIELDS = (
-    "vocab_size",
-    "d_model",
-    "encoder_layers",
-    "decoder_layers",
-    "encoder_attention_heads",
-    "decoder_attention_heads",
-    "encoder_ffn_dim",
-    "decoder_ffn_dim",
-    "max_position_embeddings",
-)
-
-
-def load_bart(
-    checkpoint_dir: str | os.PathLike,
-    *,
-    prefix: str | None = None,
-    dtype=jnp.float32,
-    remat: bool = False,
-    mesh: Mesh | None = None,
-) -> Bart:
-    """Loads a Hugging Face BART/mBART ForConditionalGeneration checkpoint directory.
-
-    The model is built abstractly and filled from the checkpoint: no random initialisation.
-
-    Args:
-      checkpoint_dir: config.json plus model.safetensors (or pytorch_model.bin, read with
-        weights_only=True). A RAG checkpoint (model_type "rag", facebook/rag-sequence-nq
-        layout) loads its generator: config["generator"], weights under "generator." (or
-        "rag.generator.").
-      prefix: weight-name prefix to load from; default "generator." for RAG checkpoints.
-      dtype: compute dtype (params are float32).
-      remat: rematerialise each layer in the backward pass.
-      mesh: a ``(data, fsdp)`` mesh (``partitioning.make_mesh``): each weight goes straight
-        into its shards (``partitioning.param_shardings``); None: the default device.
-
-    Raises:
-      FileNotFoundError: no such directory, no config.json, or no weights file.
-      CheckpointError: a config field of the wrong type or range (naming config.json and the
-        field), a config of another architecture, or weights that do not fit it (one error
-        naming every missing, unexpected and mis-shaped parameter).
-    """
-    config_path = Path(checkpoint_dir) / "config.json"
-    hf_config = read_hf_config(checkpoint_dir)
-    if prefix is None and hf_config.get("model_type") == "rag":
-        prefix = "generator."
-    if prefix is not None and isinstance(hf_config.get(prefix.rstrip(".")), dict):
-        hf_config = hf_config[prefix.rstrip(".")]  # the RAG checkpoint's generator sub-config
-    if hf_config.get("model_type") in ("bart", "mbart"):  # others: from_hf_config says which
-        check_config_fields(
-            hf_config,
-            BartConfig,
-            checkpoint_dir,
-            positive=_POSITIVE_FIELDS,
-            probabilities=("dropout", "attention_dropout", "activation_dropout"),
-            skip=("eos_token_id", "forced_eos_token_id"),  # transformers allows a list there
-        )
-    try:
-        config = BartConfig.from_hf_config(hf_config)
-    except ValueError as error:
-        raise CheckpointError(f"{config_path}: {error}") from error
-    source = f"weights in {str(Path(checkpoint_dir))!r}" + (f" under {prefix!r}" if prefix else "")
-    state_dict = _untie(read_state_dict(checkpoint_dir, prefix), source)
-    bias = state_dict.pop("final_logits_bias", np.zeros((1, config.vocab_size), np.float32))
-    if np.shape(bias) != (1, config.vocab_size):  # checked before any parameter is assigned
-        raise CheckpointError(
-            f"{source}: final_logits_bias has shape {np.shape(bias)}, "
-            f"expected (1, {config.vocab_size})"
-        )
-
-    model = abstract_module(lambda: Bart(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
-    model.final_logits_bias.set_value(jnp.asarray(bias[0], jnp.float32))
-    path_of = {_hf_name(path): path for path in param_paths(model)}
-    params, names = {}, {}
-    for name, value in state_dict.items():
-        path = path_of.get(name, name)  # an unknown name stays as is and is reported unexpected
-        params[path] = value.T if path.endswith(".kernel") and value.ndim == 2 else value
-        if path != name:
-            names[path] = name
-    assign_params(model, params, source=source, source_names=names, mesh=mesh)
-    return model
-
-
-def save_bart(model: Bart, checkpoint_dir: str | os.PathLike) -> None:
-    """Writes model.safetensors + config.json that transformers' from_pretrained loads as
-    (M)BartForConditionalGeneration with the same logits. Atomic: a failure leaves an existing
-    checkpoint in checkpoint_dir untouched.
-    """
-    save_hf_checkpoint(checkpoint_dir, hf_state_dict(model), model.config.to_hf_config())

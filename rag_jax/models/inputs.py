@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from rag_jax.models.checkpoint import CONFIG_NAME, CheckpointError
+from rag_jax.models.hf_io import CONFIG_NAME, CheckpointError
 
 # Files that define a Hugging Face tokenizer; a directory needs at least one vocabulary file.
 TOKENIZER_FILES = (

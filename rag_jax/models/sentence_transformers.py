@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rag_jax.models.checkpoint import CheckpointError
+from rag_jax.models.hf_io import CheckpointError
 
 MODULES_FILE = "modules.json"
 POOLING_CONFIG = "1_Pooling/config.json"

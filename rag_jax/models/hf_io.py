@@ -1,5 +1,7 @@
 """Hugging Face checkpoint I/O shared by the models: read config and weights, fill modules, save.
 
+(Training checkpoints are orbax's, in ``rag_jax.training``; nothing here is about them.)
+
 A Hugging Face checkpoint directory holds ``config.json`` and the weights as ``model.safetensors``
 (or sharded: ``model.safetensors.index.json`` + shards), or as ``pytorch_model.bin`` (read with
 ``torch.load(weights_only=True)``: no pickled code ever runs). A full RAG checkpoint

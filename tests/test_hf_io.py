@@ -11,10 +11,12 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from rag_jax.models import checkpoint, layers, partitioning
-from rag_jax.models.bart import Bart, BartConfig, load_bart, save_bart
-from rag_jax.models.bert import BertConfig, BertEncoder, load_bert_encoder, save_bert_encoder
-from rag_jax.models.checkpoint import (
+from rag_jax.models import hf_io, layers, partitioning
+from rag_jax.models.bart import Bart, BartConfig
+from rag_jax.models.bert import BertConfig, BertEncoder
+from rag_jax.models.hf_bart import load_bart, save_bart
+from rag_jax.models.hf_bert import load_bert_encoder, save_bert_encoder
+from rag_jax.models.hf_io import (
     CheckpointError,
     assign_params,
     module_params,
@@ -260,7 +262,7 @@ def test_failed_save_keeps_existing_checkpoint(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    monkeypatch.setattr(hf_io, "save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_hf_checkpoint(target, _weights(1), {"model_type": "bert"})
     _assert_untouched(target)
@@ -268,14 +270,14 @@ def test_failed_save_keeps_existing_checkpoint(tmp_path, monkeypatch):
 
 def test_failed_swap_restores_existing_checkpoint(tmp_path, monkeypatch):
     target = _existing_checkpoint(tmp_path)
-    real_rename = checkpoint.os.rename
+    real_rename = hf_io.os.rename
 
     def rename(source, destination):
         if ".tmp" in str(source):  # moving the new checkpoint into place fails
             raise OSError("simulated crash")
         real_rename(source, destination)
 
-    monkeypatch.setattr(checkpoint.os, "rename", rename)
+    monkeypatch.setattr(hf_io.os, "rename", rename)
     with pytest.raises(OSError, match="simulated crash"):
         save_hf_checkpoint(target, _weights(1), {"model_type": "bert"})
     _assert_untouched(target)

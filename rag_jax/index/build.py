@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from rag_jax import _files
 from rag_jax.index.checks import positive_int
 from rag_jax.index.corpus import CorpusError, CorpusReader, PassageStore, split_passages
 from rag_jax.index.encode import DTYPES, TextEncoder, encode_passages, sync_processes
@@ -43,6 +44,7 @@ _INDEX_ENTRIES = {MANIFEST_FILE, EMBEDDINGS_FILE, PASSAGES_DIR, SCANN_DIR}
 _WORK_ENTRIES = _INDEX_ENTRIES | {
     _SETTINGS_FILE,
     f"{PASSAGES_DIR}.tmp",
+    _files.replaced_path(PASSAGES_DIR).name,
     f"{EMBEDDINGS_FILE}.progress",
     f"{MANIFEST_FILE}.tmp",
 }
@@ -311,17 +313,7 @@ def _build_store(
 def _publish(work: Path, out_dir: Path) -> None:
     """Moves the finished ``work`` directory to ``out_dir``, replacing an existing index.
 
-    The old index is renamed aside first and restored if the second rename fails, so at every
-    moment one complete index exists on disk.
+    ``rag_jax._files.replace_dir``: the old index is deleted only once the new one is in place,
+    and restored if that fails (or, after a crash between the two renames, when next opened).
     """
-    if not out_dir.exists():
-        os.replace(work, out_dir)
-        return
-    old = out_dir.with_name(f"{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    try:
-        os.replace(work, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old)
+    _files.replace_dir(work, out_dir)

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_jax import _files
+
 log = logging.getLogger(__name__)
 
 TSV_HEADER = ("id", "text", "title")
@@ -290,6 +292,7 @@ class PassageStore:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        _files.restore_replaced(self.path)  # a write interrupted between its two renames
         meta_path = self.path / _STORE_META
         if not meta_path.is_file():
             raise FileNotFoundError(f"not a passage store (no {_STORE_META}): {self.path}")
@@ -349,8 +352,9 @@ class PassageStore:
     def write(passages: Iterable[Passage], path: str | os.PathLike) -> PassageStore:
         """Writes ``passages`` (a stream, never held in memory) as a store at ``path``.
 
-        The store is written into ``path + ".tmp"`` and renamed into place once complete, so a
-        crash leaves no half-written store at ``path``. An existing ``path`` is replaced.
+        The store is written into ``path + ".tmp"`` and moved into place once complete
+        (``rag_jax._files.replace_dir``), so a crash leaves no half-written store at ``path``. An
+        existing ``path`` is replaced, and deleted only once the new store is in place.
         """
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
@@ -375,7 +379,5 @@ class PassageStore:
                 count += 1
         meta = {"count": count, "bytes": position, "sha256": digest.hexdigest()}
         (tmp / _STORE_META).write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _files.replace_dir(tmp, path)
         return PassageStore(path)

@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
+from rag_jax import _files
 from rag_jax.index.checks import positive_int
 from rag_jax.index.corpus import PassageStore
 
@@ -614,9 +615,7 @@ def _read_done_chunks(progress_dir: Path, process: int | None = None) -> set[int
 
 
 def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
-    os.replace(tmp, path)
+    _files.write_text(path, json.dumps(value))
 
 
 def _remove_tree(path: Path) -> None:

@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rag_jax import _files
+
 MANIFEST_FILE = "manifest.json"
 FORMAT = "rag_jax.index/1"
 BACKENDS = ("exact", "scann")
@@ -90,10 +92,8 @@ class Manifest:
 
     def write(self, index_dir: str | os.PathLike) -> None:
         """Writes ``manifest.json`` into ``index_dir`` (temp file, then rename)."""
-        path = Path(index_dir) / MANIFEST_FILE
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=1) + "\n")
-        os.replace(tmp, path)
+        text = json.dumps(dataclasses.asdict(self), indent=1) + "\n"
+        _files.write_text(Path(index_dir) / MANIFEST_FILE, text)
 
     @staticmethod
     def read(index_dir: str | os.PathLike) -> Manifest:

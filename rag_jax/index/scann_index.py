@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_jax import _files
 from rag_jax.index.checks import check_search_args, positive_int
 from rag_jax.index.exact import SearchResult
 
@@ -361,10 +362,9 @@ class ScannIndex:
 
         Atomic (temp file, then rename): a reader sees the old settings or the new.
         """
-        config_file = Path(path) / _CONFIG_FILE
-        tmp = config_file.with_name(config_file.name + ".tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(self.config), indent=1))
-        os.replace(tmp, config_file)
+        _files.write_text(
+            Path(path) / _CONFIG_FILE, json.dumps(dataclasses.asdict(self.config), indent=1)
+        )
 
     @staticmethod
     def load(path: str | os.PathLike, embeddings: np.ndarray) -> ScannIndex:

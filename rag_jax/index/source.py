@@ -26,6 +26,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 from jax.sharding import Mesh
 
+from rag_jax import _files
 from rag_jax.index.corpus import CorpusError, Passage, PassageStore
 from rag_jax.index.exact import ExactIndex, SearchResult
 from rag_jax.index.manifest import IndexMismatchError, Manifest
@@ -112,6 +113,7 @@ def load_index(
         damaged or disagree with the manifest (each naming the file).
     """
     index_dir = Path(index_dir)
+    _files.restore_replaced(index_dir)  # a rebuild interrupted between its two renames
     manifest = Manifest.read(index_dir)
     manifest.check(
         index_dir,

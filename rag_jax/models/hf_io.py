@@ -31,6 +31,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from safetensors.numpy import load_file, save_file
 
+from rag_jax import _files
 from rag_jax.models import partitioning
 
 CONFIG_NAME = "config.json"
@@ -48,6 +49,7 @@ class CheckpointError(ValueError):
 
 def _existing_dir(checkpoint_dir: str | os.PathLike) -> Path:
     path = Path(checkpoint_dir)
+    _files.restore_replaced(path)  # a save interrupted between its two renames
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {str(path)!r} does not exist")
     return path
@@ -273,8 +275,10 @@ def save_hf_checkpoint(
 ) -> None:
     """Writes ``model.safetensors`` + ``config.json``, the layout that from_pretrained reads.
 
-    The new checkpoint is assembled in a temporary sibling directory and swapped in by rename:
-    a failure at any point leaves an existing checkpoint as it was. Other files of an existing
+    The new checkpoint is assembled in a temporary sibling directory and swapped in by
+    ``rag_jax._files.replace_dir``: a failure at any point leaves an existing checkpoint as it
+    was, and a crash between its two renames leaves the old one, which the next read or save
+    puts back. Other files of an existing
     directory (tokenizer, sentence-transformers configs) are kept; its old weight files are not.
 
     A ``checkpoint_dir`` that is a file (or a link to one) is refused before anything is
@@ -309,7 +313,7 @@ def save_hf_checkpoint(
         _copy_extra_files(target, staging)
         # mkdtemp makes the directory private (0o700): give it the usual, or the old, permissions.
         staging.chmod(target.stat().st_mode & 0o7777 if target.is_dir() else 0o755)
-        _swap_in(staging, target)
+        _files.replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -350,19 +354,3 @@ def _copy_extra_files(old: Path, new: Path) -> None:
             )
         else:
             copy_unless_written(str(entry), str(new / entry.name))
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Renames ``staging`` to ``target``; an existing ``target`` is restored if that fails."""
-    if not target.exists():
-        os.rename(staging, target)
-        return
-    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-    os.rmdir(backup)  # only the unique name is wanted
-    os.rename(target, backup)
-    try:
-        os.rename(staging, target)
-    except BaseException:
-        os.rename(backup, target)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)

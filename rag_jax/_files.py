@@ -1,0 +1,75 @@
+"""Atomic file writes and directory swaps, written once for the whole package.
+
+A reader, or a crash at any moment, finds the old version of a file or directory or the new one,
+never a half-written one:
+
+* :func:`write_text` writes a temp file beside the destination and renames it over it (a rename
+  replaces a file atomically).
+* :func:`replace_dir` moves a finished directory into place. A rename cannot replace a non-empty
+  directory, so it takes two: the old directory is renamed aside to a fixed hidden sibling
+  (``.<name>.replaced``), then the new one into place, then the old one is deleted; if the
+  second rename fails the old one is renamed back. The old version is never deleted before the
+  new one is in place. A crash between the two renames leaves it complete under the sibling name,
+  and :func:`restore_replaced` (called by ``replace_dir`` and by the code that opens such
+  directories) puts it back.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` to ``path`` through ``<path>.tmp`` and a rename: all of it or nothing."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replaced_path(target: str | os.PathLike) -> Path:
+    """Where :func:`replace_dir` keeps the old ``target`` while the new one is renamed in."""
+    target = Path(target)
+    return target.with_name(f".{target.name}.replaced")
+
+
+def restore_replaced(target: str | os.PathLike) -> None:
+    """Finishes what a crash between :func:`replace_dir`'s two renames left behind.
+
+    ``target`` missing and its old version aside: the old version goes back. Both present: the
+    crash came after the swap, and the old version is deleted.
+    """
+    target, old = Path(target), replaced_path(target)
+    if not os.path.lexists(old):
+        return
+    if os.path.lexists(target):
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(old, target)
+
+
+def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Renames the finished directory ``staging`` to ``target``, replacing an existing one.
+
+    ``staging`` must lie beside ``target`` (same file system). If moving it into place fails,
+    the old ``target`` is restored and the error raised.
+    """
+    staging, target = Path(staging), Path(target)
+    restore_replaced(target)
+    if not os.path.lexists(target):
+        os.rename(staging, target)
+        return
+    old = replaced_path(target)
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

@@ -65,7 +65,7 @@ def chunked_top_k(
       docs: (N, H) float32/float16/bfloat16.
       k: neighbours per query, k <= N.
       chunk_size: rows scored at once (memory is O(B * chunk_size)); clipped to N. 16384 was
-        fastest on CPU for batch 1 and 256 (65536 made a batch-1 search 3x slower).
+        fastest on CPU for batch 1 and 256 (larger chunks slow single queries; BENCHMARKS.md).
       n_valid: rows with index >= n_valid are padding and never returned (default N).
       approx_recall: if set, use ``lax.approx_max_k`` with this recall target per chunk
         (fast on TPU; elsewhere it is exact).

@@ -34,9 +34,9 @@ _ASSETS_FILE = "scann_assets.pbtxt"
 _BRUTE_FORCE_BELOW = 2048
 _REORDER_TYPES = {"float32": "FLOAT32", "bfloat16": "BFLOAT16"}  # ScaNN's ReorderType names
 # With bfloat16 re-scoring ScaNN's k-th and (k+1)-th candidates can be a near tie in the wrong
-# order, so the exact top k may reach one or two past ScaNN's k: at 1M x 768 recall@10 stopped
-# at 0.998 however many candidates were re-scored. Taking this many more and keeping the best k
-# by float32 score gave float32 re-scoring's recall (1.0000 at reorder 300; 2 more sufficed).
+# order, so the exact top k may reach one or two past ScaNN's k and recall stalls below 1.
+# Taking this many more and keeping the best k by float32 score restores float32 re-scoring's
+# recall (BENCHMARKS.md, Document index: "After the bfloat16 near-tie fix").
 _EXTRA_FOR_BFLOAT16 = 4
 
 
@@ -44,47 +44,35 @@ _EXTRA_FOR_BFLOAT16 = 4
 class ScannConfig:
     """ScaNN settings; ``None`` fields are derived from N by :meth:`resolve`.
 
+    The figures behind each default are in BENCHMARKS.md ("Document index": the current table,
+    and "How the ScaNN defaults were chosen" under its history).
+
     Attributes:
-      num_leaves: k-means partitions (default ~sqrt(N)/2). A single query pays for scoring every
-        centroid and for hashing every point of the leaves it searches; at 1M x 768 the two
-        balance near sqrt(N)/2 (measured with 1 leaf searched and reorder 60: 250 leaves 3973
-        q/s, 500 leaves 5109, 1000 leaves 4269 at lower recall and a 1.5x longer build; see
-        BENCHMARKS.md).
-      leaves_to_search: partitions scanned per query (default num_leaves / 10, at least 20: on
-        MiniLM embeddings of 10k Wikipedia leads, 16 of 98 leaves give recall@10 0.957). Data
-        that partitions badly needs more: on near-isotropic synthetic data (20k x 128, noise as
-        large as the spread of 1000 cluster centres) the default 20 of 71 give 0.92 and 28
-        give 0.955. Other data need far fewer (1 of 500 on the 1M benchmark set):
-        :meth:`ScannIndex.tune` measures the fewest that reach a recall target on sample
-        queries.
-      reorder_k: candidates re-scored against full vectors (recall@10 on 1M x 768 clustered
-        synthetic data, 1 leaf searched, bfloat16: 0.967 at 60, 0.994 at 100; on MiniLM
-        embeddings of 10k Wikipedia leads the partitions limit recall, not this). A search for
-        k results re-scores at least k (k + 4 with bfloat16, see ``reorder_dtype``).
+      num_leaves: k-means partitions (default ~sqrt(N)/2, where a single query's two costs,
+        scoring every centroid and hashing the points of its leaves, balance).
+      leaves_to_search: partitions scanned per query (default num_leaves / 10, at least 20).
+        Data that partitions badly needs more, other data far fewer: :meth:`ScannIndex.tune`
+        measures the fewest that reach a recall target on sample queries.
+      reorder_k: candidates re-scored against full vectors. A search for k results re-scores
+        at least k (k + 4 with bfloat16, see ``reorder_dtype``).
       reorder_dtype: ``"bfloat16"`` or ``"float32"``, the type of ScaNN's copy of the vectors
-        used for re-scoring. bfloat16 halves that copy (1.4 instead of 2.9 GiB at 1M x 768;
-        32 instead of 64 GB for 21M Wikipedia passages) and, re-scoring being bound by memory,
-        searches faster (1M x 768, 1 leaf, reorder 100: 1.16x / 1.13x whole searches at batch
-        1 / 256, ~1.3x for ScaNN's own part), for recall@10 0.994 instead of 0.995. The
-        results are re-scored in float32 either way; with bfloat16, ScaNN's best k + 4 are,
-        and the best k by exact score kept, since bfloat16 misorders near ties at the k-th
-        place (at 1M x 768, 1 leaf: recall@10 0.9956 instead of 0.9937 at reorder 100, 1.0000
-        instead of 0.9978 at 300, where float32 re-scoring reaches 1.0000 too; 1-7% fewer q/s).
-      spherical: spherical k-means (unit-norm centroids) for the partitions. It groups points by
-        direction, as inner products do, instead of splitting a cluster by norm as L2 k-means
-        does; on our clustered benchmark data it lifts recall@10 from ~0.95 to 1.0 at equal cost.
+        used for re-scoring. bfloat16 halves that copy and, re-scoring being bound by memory,
+        searches faster at nearly equal recall. The results are re-scored in float32 either
+        way; with bfloat16, ScaNN's best k + 4 are, and the best k by exact score kept, since
+        bfloat16 misorders near ties at the k-th place.
+      spherical: spherical k-means (unit-norm centroids) for the partitions: it groups points
+        by direction, as inner products do, instead of splitting a cluster by norm as L2
+        k-means does.
       quantize_centroids: score queries against the partition centroids in int8 (a quarter of
-        the bytes); slower for single queries in our measurements (169 -> 236 us with 1000
-        centroids of 768 dims), hence off by default.
-      dims_per_block: dimensions per 4-bit AH code. 2 (ScaNN's recommendation) ranks well
-        enough that reordering 60-100 candidates reaches recall 0.97-0.995 on 1M x 768, where
-        4 dims per block needed 300-400 candidates and ended up slower at equal recall.
+        the bytes); off by default, as it made single queries slower.
+      dims_per_block: dimensions per 4-bit AH code. 2 (ScaNN's recommendation) ranks finely
+        enough that few candidates need re-scoring; 4 needs so many more that it is slower at
+        equal recall.
       anisotropic_threshold: AH's anisotropic quantization threshold (ScaNN's suggested 0.2 for
         normalised data; it weighs the error parallel to a point more, which is what MIPS needs).
       training_sample_size: points used to train the partitioner.
       ah_training_sample_size: points used to train the AH codebooks (16 centres per block
-        need few: 30k instead of 100k halves the build at 1M x 768, 206 s -> ~95 s, with no
-        loss of recall we could measure).
+        need few; fewer points build faster at the same recall).
       brute_force: score all points exactly (chosen automatically for tiny N).
     """
 
@@ -244,13 +232,12 @@ class ScannIndex:
         if self.config.brute_force:
             leaves, reorder = -1, -1  # ScaNN's "use the searcher's own setting"
         if len(queries) == 1:
-            # The single-query call skips ScaNN's batch machinery (~1.3x q/s), and our
-            # post-processing stays 1-D: at 1M x 768 a query takes ~300 us, and the 2-D path's
-            # extra NumPy calls cost ~60 us of it.
+            # The single-query call skips ScaNN's batch machinery, and our post-processing
+            # stays 1-D: the 2-D path's extra NumPy calls are a large share of a single query.
             ids, _ = self.searcher.search(queries[0], fetch, reorder, leaves)
             return self._rescore_one(ids.astype(np.intp), queries[0], k)
         # ScaNN hands each thread whole sub-batches of batch_size queries: at its default (256)
-        # a batch of 256 ran on one core (measured 4.4k -> 7.8k q/s at 1M x 768 on 2).
+        # a batch of 256 would run on one core.
         per_thread = min(256, -(-len(queries) // _available_cpus()))
         ids, scann_scores = self.searcher.search_batched_parallel(
             queries, fetch, reorder, leaves, batch_size=per_thread
@@ -266,8 +253,8 @@ class ScannIndex:
             scores[ids < 0] = -np.inf
         # Keep the k best by exact score, in descending order. Most rows already are (bfloat16
         # swaps near ties in ~1 query of 3 at 1M), so only the others are rearranged, by fancy
-        # indexing of those rows (take_along_axis would build (B, k, H) index arrays: 17 ms of
-        # a 40 ms batch of 256 at 1M x 768).
+        # indexing of those rows (take_along_axis would build (B, k, H) index arrays, a large
+        # share of a batch's time).
         top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
         rows = np.flatnonzero((top != np.arange(k)).any(axis=1))
         if rows.size:
@@ -301,9 +288,9 @@ class ScannIndex:
     ) -> ScannConfig:
         """Fewest leaves searched, then fewest candidates re-scored, reaching a recall@k target.
 
-        The defaults search 10% of the leaves, enough for the data sets we measured but
-        often far more than a given corpus needs (1M x 768 clustered synthetic: 1 leaf of 500
-        reaches recall@10 0.994, ~20x the default's queries/s). This measures instead: recall
+        The defaults search 10% of the leaves, safe but often far more than a given corpus
+        needs (BENCHMARKS.md: on the 1M benchmark set 1 leaf of 500 is enough). This measures
+        instead: recall
         against exact float32 search over the stored embeddings, on held-out queries that look
         like the ones to come (e.g. query-encoder outputs for a sample of training questions).
         First the smallest ``leaves_to_search`` reaching ``target_recall`` when re-scoring

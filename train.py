@@ -1,8 +1,14 @@
-"""Trains a RAG model: ``python train.py --config configs/X.py --workdir DIR [--config.a.b=v]``."""
+"""Trains a RAG model: ``python train.py --config configs/X.py --workdir DIR [--config.a.b=v]``.
+
+Several processes (a TPU pod slice, GPU hosts): run the same command on every host with
+``--distributed`` (``jax.distributed.initialize()`` finds the coordinator itself on TPU and
+under SLURM), or name it: ``--coordinator=HOST:PORT --num_processes=N --process_id=I``.
+"""
 
 import logging
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -11,12 +17,24 @@ from rag_jax.training import train
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).")
 flags.DEFINE_string("workdir", None, "Where checkpoints and metrics go; a run there resumes.")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host).")
+flags.DEFINE_string("coordinator", None, "HOST:PORT of process 0 (implies --distributed).")
+flags.DEFINE_integer("num_processes", None, "Processes in a --coordinator run.")
+flags.DEFINE_integer("process_id", None, "This process's index in a --coordinator run.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if FLAGS.distributed or FLAGS.coordinator:
+        # CPU processes exchange collectives over gloo (GPU and TPU use their own).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=FLAGS.coordinator,
+            num_processes=FLAGS.num_processes,
+            process_id=FLAGS.process_id,
+        )
     try:
         train(FLAGS.config, FLAGS.workdir)
     except (ValueError, OSError) as error:  # bad input or files: one line, no traceback

@@ -71,7 +71,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates skipped before failing
 
     config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = 1  # devices on the data axis; the rest form the fsdp axis
+    config.mesh.data = 1  # devices on the data axis
+    config.mesh.fsdp = 0  # devices on the fsdp axis; 0: all the devices data leaves
     config.mesh.fsdp_params = False  # shard parameters over fsdp (else replicated)
 
     config.checkpoint = ml_collections.ConfigDict()

@@ -178,6 +178,13 @@ def embed_questions(model: RagModel, question_ids, question_mask):
     return model.embed_questions(question_ids, question_mask)
 
 
+@nnx.jit
+def _embed_on_mesh(model: RagModel, question_ids, question_mask):
+    """``q(x)`` (B, H) without gradient, split over the mesh's batch axis like the input."""
+    query_emb = model.embed_questions(question_ids, question_mask)  # (B, H)
+    return jax.lax.with_sharding_constraint(query_emb, PartitionSpec(partitioning.MESH_AXES))
+
+
 def _skipped_updates(opt_state) -> int:
     """Total non-finite updates that optax.apply_if_finite skipped."""
     for leaf in jax.tree_util.tree_leaves(
@@ -297,26 +304,114 @@ class _Preempted:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    """The ``(data, fsdp)`` mesh of ``config.mesh``: ``data x fsdp`` devices (``fsdp`` 0: all
+    the devices ``data`` leaves). One process may use fewer devices than it has (tests compare
+    1 device with 4); a multi-process run uses them all.
+
+    Raises:
+      ValueError: the mesh does not fit the devices, or the batch does not split over it.
+    """
+    n_devices = jax.device_count()
+    data = config.mesh.data
+    fsdp = config.mesh.get("fsdp", 0) or n_devices // max(data, 1)
+    if data < 1 or fsdp < 1 or data * fsdp > n_devices:
+        raise ValueError(
+            f"config.mesh (data={data}, fsdp={config.mesh.get('fsdp', 0)}) does not fit the "
+            f"{n_devices} devices"
+        )
+    if jax.process_count() > 1 and data * fsdp != n_devices:
+        raise ValueError(
+            f"config.mesh uses {data * fsdp} of {n_devices} devices: a multi-process run must "
+            "use them all"
+        )
+    if config.batch_size % (data * fsdp) or config.batch_size % jax.process_count():
+        raise ValueError(
+            f"config.batch_size {config.batch_size} must be a multiple of the mesh's "
+            f"{data * fsdp} devices and of the {jax.process_count()} processes"
+        )
+    if data * fsdp == n_devices:
+        return partitioning.make_mesh(data=data, fsdp=fsdp)
+    auto = (jax.sharding.AxisType.Auto,) * 2
+    return jax.make_mesh(
+        (data, fsdp), partitioning.MESH_AXES, axis_types=auto, devices=jax.devices()[: data * fsdp]
+    )
+
+
+def _put(x, sharding: NamedSharding) -> jax.Array:
+    """One value, equal on every process, onto ``sharding``. ``jax.device_put`` only reaches
+    this process's devices, so with several processes each builds its own shards."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG keys: their raw data
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=impl)
+    value = np.asarray(x)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def _place_on_mesh(model: RagModel, tx, mesh, config) -> nnx.Optimizer:
     """Moves the model onto ``mesh`` (FSDP-sharded or replicated, as configured) and creates
-    the optimizer there, so its state follows the parameters' shardings."""
+    the optimizer there: its moments follow the parameters' shardings, its counters are
+    replicated."""
     rules = partitioning.LOGICAL_RULES
     if not config.mesh.fsdp_params:
         rules = tuple((name, None) for name, _ in rules)
-    partitioning.shard_module(model, mesh, rules)
+    state = nnx.state(model)
+    shardings = partitioning.param_shardings(state, mesh, rules)
+    nnx.update(model, jax.tree.map(_put, state, shardings))
     with jax.set_mesh(mesh):
-        return nnx.Optimizer(model, tx, wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def on_mesh(x):
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
+            return x
+        return _put(x, replicated)  # counters created on the default device
+
+    nnx.update(optimizer, jax.tree.map(on_mesh, nnx.state(optimizer)))
+    return optimizer
+
+
+def _batch_sharding(mesh) -> NamedSharding:
+    """Batch axis split over the whole (data, fsdp) mesh; other axes whole."""
+    return NamedSharding(mesh, PartitionSpec(partitioning.MESH_AXES))
 
 
 def _shard_batch(batch: RagBatch, mesh) -> RagBatch:
-    """Host numpy -> device arrays, the batch axis split over the whole (data, fsdp) mesh."""
-    sharding = NamedSharding(mesh, PartitionSpec(partitioning.MESH_AXES))
+    """This process's rows of the batch (numpy) -> global device arrays, the batch axis split
+    over the whole (data, fsdp) mesh; each process contributes its own rows."""
+    sharding = _batch_sharding(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+    )
 
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding, x)
 
-    return jax.tree.map(put, batch)
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a global array sharded on its first axis, in order."""
+    shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+    rows, seen = [], set()
+    for shard in shards:
+        start = shard.index[0].start or 0
+        if start not in seen:  # replicas of the same rows on other axes
+            seen.add(start)
+            rows.append(np.asarray(shard.data))
+    return np.concatenate(rows)
+
+
+def _embed_fn(model: RagModel, mesh):
+    """``(ids, mask) -> q(x)`` for this process's questions (numpy in, numpy out), run on the
+    mesh: with several processes, each one's questions are its rows of one global batch."""
+
+    def embed(question_ids, question_mask):
+        ids, mask = _shard_batch((question_ids, question_mask), mesh)
+        with jax.set_mesh(mesh):
+            return _local_rows(_embed_on_mesh(model, ids, mask))
+
+    return embed
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -328,7 +423,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if n_bad:
         log.warning("skipped %d bad lines of %s", n_bad, config.data.train)
 
-    mesh = partitioning.make_mesh(data=config.mesh.data)
+    mesh = make_mesh(config)
     model, question_tokenizer, generator_tokenizer = build_model(config)
     tx, schedule = make_optimizer(config)
     optimizer = _place_on_mesh(model, tx, mesh, config)
@@ -344,7 +439,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         generator_tokenizer,
         model.generator.config,
         knowledge=knowledge,
-        embed_fn=lambda ids, mask: embed_questions(model, ids, mask),
+        embed_fn=_embed_fn(model, mesh),
     )
 
     position = DataPosition()
@@ -487,7 +582,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
     """
     model, question_tokenizer, generator_tokenizer = build_model(config)
     tx, _ = make_optimizer(config)
-    optimizer = _place_on_mesh(model, tx, partitioning.make_mesh(data=config.mesh.data), config)
+    optimizer = _place_on_mesh(model, tx, make_mesh(config), config)
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} holds no checkpoint (no {directory})")

@@ -1,0 +1,114 @@
+"""The same training on 1 device, on 4 devices as (data=2, fsdp=2) with FSDP-sharded
+parameters, and on 2 processes x 2 devices (a localhost coordinator, gloo collectives):
+the same losses and the same trained parameters."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from rag_jax.training import load_trained
+from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = {"train_steps": 3, "log_every": 1, "checkpoint.every": 2, "rag.n_docs": 4}
+SHARDED = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.fsdp_params": True}
+
+
+def params(config, workdir) -> dict:
+    model, _, _ = load_trained(config, str(workdir))
+    return {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    }
+
+
+def assert_same_losses(workdir_a: Path, workdir_b: Path) -> None:
+    losses_a = [m["loss"] for m in read_metrics(workdir_a)]
+    losses_b = [m["loss"] for m in read_metrics(workdir_b)]
+    assert len(losses_a) == STEPS["train_steps"]
+    np.testing.assert_allclose(losses_b, losses_a, rtol=1e-5, atol=1e-5)
+    assert losses_a[-1] != losses_a[0]  # the steps did change the model
+
+
+@pytest.fixture(scope="module")
+def four_devices(toy, tmp_path_factory):  # noqa: F811
+    from rag_jax.training import train
+
+    assert jax.device_count() == 4  # tests/conftest.py
+    config = tiny_config(toy, **STEPS, **SHARDED)
+    workdir = tmp_path_factory.mktemp("four") / "run"
+    train(config, str(workdir))
+    return config, workdir
+
+
+def test_four_devices_fsdp_equal_one_device(toy, four_devices, tmp_path):  # noqa: F811
+    from rag_jax.training import make_mesh
+
+    config = tiny_config(toy, **STEPS, **{"mesh.data": 1, "mesh.fsdp": 1})
+    assert make_mesh(config).devices.size == 1
+    from rag_jax.training import train
+
+    train(config, str(tmp_path / "one"))
+    assert_same_losses(tmp_path / "one", four_devices[1])
+    # the parameters were sharded: a (hidden, ...) kernel holds half its rows per device
+    model, _, _ = load_trained(four_devices[0], str(four_devices[1]))
+    kernel = model.query_encoder.bert.embeddings.word.embedding[...]
+    assert {s.data.shape[1] for s in kernel.addressable_shards} == {kernel.shape[1] // 2}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_path):  # noqa: F811
+    config, _ = four_devices
+    workdir = tmp_path / "two"
+    overrides = [
+        f"--config.{key}={value}"
+        for key, value in {
+            **STEPS, **SHARDED, "model.question_encoder": config.model.question_encoder,
+            "data.index": config.data.index, "data.train": config.data.train,
+        }.items()
+    ]  # fmt: skip
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        "JAX_PLATFORMS": "cpu",
+    }
+    coordinator = f"127.0.0.1:{free_port()}"
+
+    def launch(process_id: int) -> subprocess.Popen:
+        args = [
+            sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
+            "--workdir", str(workdir), f"--coordinator={coordinator}", "--num_processes=2",
+            f"--process_id={process_id}", *overrides,
+        ]  # fmt: skip
+        return subprocess.Popen(
+            args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+
+    processes = [launch(0), launch(1)]
+    try:
+        outputs = [p.communicate(timeout=400)[0] for p in processes]
+    finally:
+        for p in processes:
+            p.kill()
+    assert all(p.returncode == 0 for p in processes), "\n".join(o[-3000:] for o in outputs)
+    # only process 0 writes metrics; every step's global loss once
+    assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3]
+    assert_same_losses(four_devices[1], workdir)
+    # the checkpoint the two processes wrote restores the parameters of the one-process run
+    # (Adam at lr 1e-2 turns float rounding into ~1e-5 parameter differences)
+    ours, reference = params(config, workdir), params(config, four_devices[1])
+    assert ours.keys() == reference.keys()
+    for name, value in reference.items():
+        np.testing.assert_allclose(ours[name], value, atol=1e-4, err_msg=name)

@@ -1,4 +1,4 @@
-"""Atomic file writes and directory swaps, written once for the whole package.
+"""Reading and writing the package's files, written once: JSON, atomic writes, directory swaps.
 
 A reader, or a crash at any moment, finds the old version of a file or directory or the new one,
 never a half-written one:
@@ -12,13 +12,44 @@ never a half-written one:
   new one is in place. A crash between the two renames leaves it complete under the sibling name,
   and :func:`restore_replaced` (called by ``replace_dir`` and by the code that opens such
   directories) puts it back.
+
+:func:`read_json` reads a JSON file and names the file in every error.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
+
+
+def read_json(
+    path: str | os.PathLike,
+    error: type[Exception] = ValueError,
+    *,
+    expect: type | None = dict,
+    unreadable: str = "not valid JSON",
+    advice: str = "",
+) -> Any:
+    """The JSON value in ``path``, or ``error`` naming the file.
+
+    Args:
+      path: the file.
+      error: the exception type raised for text that is not UTF-8 JSON, or a value that is not
+        an ``expect`` (None: any JSON value).
+      unreadable: says what the file is not, e.g. ``"unreadable manifest"``.
+      advice: appended to every message, e.g. ``"; rebuild the index"``.
+    """
+    try:
+        value = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: {unreadable} ({e}){advice}") from None
+    if expect is not None and not isinstance(value, expect):
+        wanted = {dict: "object", list: "list"}.get(expect, expect.__name__)
+        raise error(f"{path}: expected a JSON {wanted}, got {type(value).__name__}{advice}")
+    return value
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -111,3 +111,16 @@ def test_a_kill_after_the_swap_leaves_the_new_version_and_the_old_is_removed(tmp
     PassageStore.write(_passages(3), _files.replaced_path(path))  # the old, not yet deleted
     assert len(PassageStore(path)) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["passages"]
+
+
+def test_read_json_names_the_file(tmp_path):
+    path = tmp_path / "settings.json"
+    path.write_text('{"a": 1}')
+    assert _files.read_json(path) == {"a": 1}
+    path.write_text("{")
+    with pytest.raises(KeyError, match=r"settings\.json: unreadable settings \(.*; fix it"):
+        _files.read_json(path, KeyError, unreadable="unreadable settings", advice="; fix it")
+    path.write_text("[1]")
+    with pytest.raises(ValueError, match=r"settings\.json: expected a JSON object, got list"):
+        _files.read_json(path)
+    assert _files.read_json(path, expect=None) == [1]

@@ -245,13 +245,8 @@ def split_passages(passages: Iterable[Passage], words_per_passage: int = 100) ->
 
 def _read_meta(path: Path) -> dict:
     """The store's meta.json: count, bytes and sha256, each checked."""
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorpusError(f"{path}: not valid JSON ({e})") from None
+    meta = _files.read_json(path, CorpusError)
     kinds = {"count": int, "bytes": int, "sha256": str}
-    if not isinstance(meta, dict):
-        raise CorpusError(f"{path}: expected a JSON object")
     bad = [
         key
         for key, kind in kinds.items()

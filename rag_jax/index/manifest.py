@@ -101,11 +101,8 @@ class Manifest:
         path = Path(index_dir) / MANIFEST_FILE
         if not path.is_file():
             raise IndexMismatchError(f"{index_dir} is not an index directory: no {MANIFEST_FILE}")
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise IndexMismatchError(f"{path}: unreadable manifest ({e})") from None
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
+        data = _files.read_json(path, IndexMismatchError, unreadable="unreadable manifest")
+        if data.get("format") != FORMAT:
             raise IndexMismatchError(f"{path}: not a {FORMAT} manifest")
         fields = {f.name for f in dataclasses.fields(Manifest)}
         required = {

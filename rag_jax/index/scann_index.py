@@ -392,12 +392,7 @@ def _read_config(path: Path, assets_text: str) -> ScannConfig:
     """The settings saved in ``scann_index.json``; every problem names the file."""
     if not path.is_file():
         raise ValueError(f"{path} is missing: rebuild the index")
-    try:
-        fields = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error}); rebuild the index") from None
-    if not isinstance(fields, dict):
-        raise ValueError(f"{path}: expected a JSON object; rebuild the index")
+    fields = _files.read_json(path, advice="; rebuild the index")
     known = {f.name for f in dataclasses.fields(ScannConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:

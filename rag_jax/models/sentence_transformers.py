@@ -16,8 +16,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Any
 
+from rag_jax import _files
 from rag_jax.models.hf_io import CheckpointError
 
 MODULES_FILE = "modules.json"
@@ -50,17 +50,8 @@ class SentenceTransformersSpec:
     max_seq_length: int | None = None
 
 
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path}: not valid JSON ({error})") from None
-
-
 def _pooling(path: Path) -> str:
-    config = _read_json(path)
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    config = _files.read_json(path, CheckpointError)
     modes = [flag for flag in _POOLING_FLAGS if config.get(flag)]
     unknown = [k for k in config if k.startswith("pooling_mode") and k not in _POOLING_FLAGS]
     if unknown and any(config[k] for k in unknown):
@@ -82,7 +73,7 @@ def _pooling(path: Path) -> str:
 def _modules(directory: Path) -> list[str]:
     """The module type names of ``modules.json`` (e.g. ["Transformer", "Pooling"])."""
     path = directory / MODULES_FILE
-    entries = _read_json(path)
+    entries = _files.read_json(path, CheckpointError, expect=None)
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         raise CheckpointError(f"{path}: expected a JSON list of module objects")
     types = [str(entry.get("type", "")).rsplit(".", 1)[-1] for entry in entries]
@@ -117,7 +108,7 @@ def read_sentence_transformers(directory: str | os.PathLike) -> SentenceTransfor
         normalize = "Normalize" in types
     max_seq_length = None
     if (directory / ST_CONFIG).is_file():
-        config = _read_json(directory / ST_CONFIG)
+        config = _files.read_json(directory / ST_CONFIG, CheckpointError, expect=None)
         value = config.get("max_seq_length") if isinstance(config, dict) else None
         if value is not None and (
             isinstance(value, bool) or not isinstance(value, int) or value < 1

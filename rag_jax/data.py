@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rag_jax.models.inputs import check_token_ids
 from rag_jax.rag import RagBatch, RagConfig
 
 
@@ -168,8 +169,20 @@ def tokenize_contexts(
         suffix_ids = tokenizer(full[i][split:], add_special_tokens=False)["input_ids"]
         suffix_ids = suffix_ids[: S - n_special]
         budget = S - n_special - len(suffix_ids)
-        rows.append(tokenizer.build_inputs_with_special_tokens(passage_ids[:budget] + suffix_ids))
+        rows.append(_with_special_tokens(tokenizer, passage_ids[:budget] + suffix_ids))
     return _pad(rows, S, tokenizer.pad_token_id, n_truncated)
+
+
+def _with_special_tokens(tokenizer, ids: list[int]) -> list[int]:
+    """``ids`` wrapped in the tokenizer's special tokens as ``tokenizer(text)`` wraps them
+    (``[CLS] ... [SEP]``, ``<s> ... </s>``). transformers 5's tokenizers dropped
+    ``build_inputs_with_special_tokens``: find the wrapping around one known token instead."""
+    if hasattr(type(tokenizer), "build_inputs_with_special_tokens"):
+        return tokenizer.build_inputs_with_special_tokens(ids)
+    inner = tokenizer("a", add_special_tokens=False)["input_ids"]
+    outer = tokenizer("a", add_special_tokens=True)["input_ids"]
+    start = next(i for i in range(len(outer)) if outer[i : i + len(inner)] == inner)
+    return outer[:start] + list(ids) + outer[start + len(inner) :]
 
 
 def _cut_end(tokenizer, text: str, max_length: int) -> list[int]:
@@ -261,6 +274,11 @@ class BatchBuilder:
       knowledge: a :class:`rag_jax.index.KnowledgeSource` (unused for closed-book models).
       embed_fn: ``(question_ids (B, L), question_mask (B, L)) -> (B, H)`` numpy/jax vectors
         from the current query encoder, without gradient.
+      question_vocab_size: the query encoder's vocabulary size; None: question ids unchecked.
+
+    Every batch's token ids are checked against the vocabularies (questions against
+    ``question_vocab_size``, generator inputs and targets against the generator's) before any
+    model sees them: inside ``jit`` an id >= V would read a NaN embedding.
     """
 
     def __init__(
@@ -271,6 +289,7 @@ class BatchBuilder:
         generator_config,
         knowledge=None,
         embed_fn: Callable | None = None,
+        question_vocab_size: int | None = None,
     ):
         if not config.closed_book and (knowledge is None or embed_fn is None):
             raise ValueError("a retrieval model needs a knowledge source and an embed_fn")
@@ -285,11 +304,14 @@ class BatchBuilder:
         self.generator_config = generator_config
         self.knowledge = knowledge
         self.embed_fn = embed_fn
+        self.question_vocab_size = question_vocab_size
 
     def __call__(self, examples: Sequence[QAExample], *, with_targets: bool = True) -> HostBatch:
         config = self.config
         questions = [e.question for e in examples]
         q = tokenize_questions(self.question_tokenizer, questions, config.max_question_length)
+        if self.question_vocab_size is not None:
+            check_token_ids(q.ids, self.question_vocab_size, "question_ids (query tokenizer)")
         B, K = len(examples), config.n_docs
         if config.closed_book:
             K = 1
@@ -319,6 +341,9 @@ class BatchBuilder:
                 config,
             )
         S = config.max_context_length
+        check_token_ids(
+            contexts.ids, self.generator_config.vocab_size, "context_ids (generator tokenizer)"
+        )
         if with_targets:
             targets = tokenize_targets(
                 self.generator_tokenizer,

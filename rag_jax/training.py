@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rag_jax.data import BatchBuilder, QAExample, read_qa
-from rag_jax.index import KnowledgeSource
+from rag_jax.index import IndexMismatchError, KnowledgeSource
 from rag_jax.marginalize import has_documents
 from rag_jax.models import (
     Bart,
@@ -38,6 +38,7 @@ from rag_jax.models import (
     load_bert_tokenizer,
     partitioning,
 )
+from rag_jax.models.inputs import check_tokenizer_vocab, tokenizer_sha256
 from rag_jax.rag import RagBatch, RagConfig, RagModel
 
 log = logging.getLogger(__name__)
@@ -65,9 +66,10 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
         model_config.question_encoder, dtype=dtype, remat=model_config.remat
     )
     question_tokenizer = load_bert_tokenizer(model_config.question_encoder)
-    generator_tokenizer = load_bert_tokenizer(
+    generator_tokenizer_dir = (
         model_config.generator_tokenizer or model_config.generator or model_config.question_encoder
     )
+    generator_tokenizer = load_bert_tokenizer(generator_tokenizer_dir)
     if model_config.generator:
         generator = load_bart(model_config.generator, dtype=dtype, remat=model_config.remat)
     else:
@@ -87,6 +89,17 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
         generator = Bart(
             bart_config, dtype=dtype, remat=model_config.remat, rngs=nnx.Rngs(config.seed)
         )
+    # Ids >= vocab_size would read NaN embeddings: refuse such a tokenizer here.
+    check_tokenizer_vocab(
+        question_tokenizer,
+        query_encoder.bert.config.vocab_size,
+        f"query encoder {model_config.question_encoder}",
+    )
+    check_tokenizer_vocab(
+        generator_tokenizer,
+        generator.config.vocab_size,
+        f"generator tokenizer {generator_tokenizer_dir}",
+    )
     return (
         RagModel(query_encoder, generator, rag_config(config)),
         question_tokenizer,
@@ -230,6 +243,8 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict:
 
 
 def _check_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Raises ValueError if ``workdir`` holds checkpoints of another model or config. Reads
+    only: nothing is written before every input has been checked (:func:`_record_config`)."""
     record = workdir / "config.json"
     fingerprint = _fingerprint(config)
     if record.is_file():
@@ -248,12 +263,55 @@ def _check_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
                 f"{workdir} holds checkpoints of another model or config (differs in "
                 f"{', '.join(diff)}); use a new --workdir, or delete {workdir / 'checkpoints'}"
             )
+
+
+def _record_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
+    """Creates ``workdir`` and writes ``config.json`` (atomically) once the inputs are good."""
     workdir.mkdir(parents=True, exist_ok=True)
+    record = workdir / "config.json"
     tmp = record.with_suffix(".json.tmp")
     tmp.write_text(
-        json.dumps({"fingerprint": fingerprint, "config": config.to_dict()}, indent=2, default=str)
+        json.dumps(
+            {"fingerprint": _fingerprint(config), "config": config.to_dict()}, indent=2, default=str
+        )
     )
     tmp.replace(record)
+
+
+def _query_preprocessing(model: RagModel, question_encoder_dir: str) -> dict:
+    """What, besides the weights, makes ``q(x)``: compared with the index manifest's record of
+    its document encoder (``max_length`` is not: questions and passages differ in length)."""
+    directory = Path(question_encoder_dir)
+    if (directory / "question_encoder_tokenizer").is_dir():
+        directory = directory / "question_encoder_tokenizer"
+    return {
+        "pooling": model.query_encoder.pooling,
+        "normalize": model.query_encoder.normalize,
+        "tokenizer_sha256": tokenizer_sha256(directory),
+    }
+
+
+def open_knowledge(config: ml_collections.ConfigDict, model: RagModel) -> KnowledgeSource | None:
+    """The index of ``config.data.index``, checked against the query encoder: the same vector
+    size, pooling, normalisation and tokenizer files as the document encoder that built it.
+
+    Raises:
+      IndexMismatchError: naming the index, its encoder and the query encoder.
+    """
+    if model.config.closed_book:
+        return None
+    question_encoder = config.model.question_encoder
+    try:
+        return KnowledgeSource(
+            config.data.index,
+            backend=config.data.index_backend or None,
+            dim=model.query_encoder.output_dim,
+            encoder_preprocessing=_query_preprocessing(model, question_encoder),
+        )
+    except IndexMismatchError as error:
+        raise IndexMismatchError(
+            f"query encoder {question_encoder} does not fit the index: {error}"
+        ) from None
 
 
 class MetricsWriter:
@@ -417,22 +475,15 @@ def _embed_fn(model: RagModel, mesh):
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as ``config`` says, checkpointing to ``workdir``; returns the last metrics."""
     workdir = Path(workdir)
-    if jax.process_index() == 0:
-        _check_workdir(workdir, config)
+    _check_workdir(workdir, config)
+    # Every input is checked before anything is written to the workdir.
     examples, n_bad = read_qa(config.data.train, skip_bad=config.data.skip_bad_lines)
     if n_bad:
         log.warning("skipped %d bad lines of %s", n_bad, config.data.train)
 
     mesh = make_mesh(config)
     model, question_tokenizer, generator_tokenizer = build_model(config)
-    tx, schedule = make_optimizer(config)
-    optimizer = _place_on_mesh(model, tx, mesh, config)
-
-    knowledge = (
-        None
-        if model.config.closed_book
-        else KnowledgeSource(config.data.index, backend=config.data.index_backend or None)
-    )
+    knowledge = open_knowledge(config, model)
     builder = BatchBuilder(
         model.config,
         question_tokenizer,
@@ -440,7 +491,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         model.generator.config,
         knowledge=knowledge,
         embed_fn=_embed_fn(model, mesh),
+        question_vocab_size=model.query_encoder.bert.config.vocab_size,
     )
+    tx, schedule = make_optimizer(config)
+    optimizer = _place_on_mesh(model, tx, mesh, config)
+    if jax.process_index() == 0:
+        _record_config(workdir, config)
 
     position = DataPosition()
     manager = ocp.CheckpointManager(
@@ -461,6 +517,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     process = (jax.process_index(), jax.process_count())
     per_process = config.batch_size // jax.process_count()
     window = deque(maxlen=config.collapse.window)
+    truncated = {}  # inputs cut (this process's) since this run started, by part
     last = {}
     from tqdm.auto import tqdm
 
@@ -482,6 +539,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 metrics = train_step(model, optimizer, batch)
                 step += 1
                 window.extend(host.doc_ids[host.doc_ids >= 0].tolist())
+                for part, count in host.n_truncated.items():
+                    truncated[part] = truncated.get(part, 0) + count
                 if step % config.log_every == 0 or step == config.train_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     t2 = time.perf_counter()
@@ -495,7 +554,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         learning_rate=float(schedule(step)),
                         skipped_updates=_skipped_updates(optimizer.opt_state),
                         distinct_docs_in_window=len(set(window)),
-                        **{f"truncated_{k}": v for k, v in host.n_truncated.items()},
+                        **{f"truncated_{k}": v for k, v in truncated.items()},
                     )
                     _watch_collapse(metrics, config, model.config)
                     writer.write(step, metrics)

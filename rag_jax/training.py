@@ -9,12 +9,15 @@ optimizer, the step and the data position, so a run resumes where it stopped.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import signal
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -191,10 +194,11 @@ def embed_questions(model: RagModel, question_ids, question_mask):
     return model.embed_questions(question_ids, question_mask)
 
 
-@nnx.jit
-def _embed_on_mesh(model: RagModel, question_ids, question_mask):
-    """``q(x)`` (B, H) without gradient, split over the mesh's batch axis like the input."""
-    query_emb = model.embed_questions(question_ids, question_mask)  # (B, H)
+@functools.partial(jax.jit, static_argnums=0)
+def _embed_on_mesh(graphdef, state, question_ids, question_mask):
+    """``q(x)`` (B, H) from a query encoder's (graphdef, state), split over the mesh's batch
+    axis like the input."""
+    query_emb = nnx.merge(graphdef, state).embed(question_ids, question_mask)  # (B, H)
     return jax.lax.with_sharding_constraint(query_emb, PartitionSpec(partitioning.MESH_AXES))
 
 
@@ -460,16 +464,51 @@ def _local_rows(x: jax.Array) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def _embed_fn(model: RagModel, mesh):
-    """``(ids, mask) -> q(x)`` for this process's questions (numpy in, numpy out), run on the
-    mesh: with several processes, each one's questions are its rows of one global batch."""
+class _Retrieval:
+    """The host side of a step: questions -> a batch on the mesh, with the query encoder as it
+    was when :meth:`snapshot` was taken.
 
-    def embed(question_ids, question_mask):
-        ids, mask = _shard_batch((question_ids, question_mask), mesh)
-        with jax.set_mesh(mesh):
-            return _local_rows(_embed_on_mesh(model, ids, mask))
+    Retrieval for step n + 1 uses the query encoder from *before* step n, in every run: the
+    batch can then be built (embedding, search, tokenization) in a background thread while
+    step n runs on the device (``config.data.prefetch``), and a run with prefetch gives
+    exactly the losses of one without. Retrieval is one optimizer step stale, never more; the
+    snapshot is saved with each checkpoint, so a resumed run retrieves as an uninterrupted one.
+    """
 
-    return embed
+    def __init__(self, builder: BatchBuilder, model: RagModel, mesh, prefetch: bool):
+        self.builder, self.mesh = builder, mesh
+        self.graphdef = nnx.graphdef(model.query_encoder)
+        self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+
+    @staticmethod
+    def snapshot(model: RagModel) -> nnx.State:
+        """A copy of the query encoder's state (the train step donates the original)."""
+        return jax.tree.map(jnp.copy, nnx.state(model.query_encoder))
+
+    def _embed(self, state, question_ids, question_mask) -> np.ndarray:
+        ids, mask = _shard_batch((question_ids, question_mask), self.mesh)
+        with jax.set_mesh(self.mesh):
+            return _local_rows(_embed_on_mesh(self.graphdef, state, ids, mask))
+
+    def _build(self, examples, state):
+        start = time.perf_counter()
+        self.builder.embed_fn = functools.partial(self._embed, state)
+        host = self.builder(examples)
+        batch = _shard_batch(host.batch, self.mesh)
+        return host, batch, time.perf_counter() - start
+
+    def submit(self, examples, state) -> Future:
+        """The batch of ``examples`` built with query-encoder ``state``: in the background with
+        prefetch, else now; ``.result()`` is ``(host_batch, device_batch, host_seconds)``."""
+        if self.pool is not None:
+            return self.pool.submit(self._build, examples, state)
+        future = Future()
+        future.set_result(self._build(examples, state))
+        return future
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -490,7 +529,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         generator_tokenizer,
         model.generator.config,
         knowledge=knowledge,
-        embed_fn=_embed_fn(model, mesh),
+        embed_fn=lambda ids, mask: None,  # set per batch by _Retrieval
         question_vocab_size=model.query_encoder.bert.config.vocab_size,
     )
     tx, schedule = make_optimizer(config)
@@ -503,9 +542,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
     )
-    start_step = 0
+    retrieval = _Retrieval(builder, model, mesh, prefetch=config.data.get("prefetch", True))
+    start_step, snapshot = 0, retrieval.snapshot(model)
     if manager.latest_step() is not None:
-        start_step, position = _restore(manager, model, optimizer)
+        start_step, position, snapshot = _restore(manager, model, optimizer, snapshot=snapshot)
         log.info(
             "resumed from step %d (epoch %d, example %d)",
             start_step,
@@ -516,6 +556,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
     process = (jax.process_index(), jax.process_count())
     per_process = config.batch_size // jax.process_count()
+
+    def submit(position: DataPosition, snapshot) -> tuple[Future, DataPosition]:
+        """The next batch from ``position``; returns it (pending) and the position after it."""
+        after = copy.copy(position)
+        examples_now = after.next_batch(examples, per_process, config.seed, process)
+        return retrieval.submit(examples_now, snapshot), after
+
     window = deque(maxlen=config.collapse.window)
     truncated = {}  # inputs cut (this process's) since this run started, by part
     last = {}
@@ -531,26 +578,34 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:
         with _Preempted() as preempted, jax.set_mesh(mesh):
             step = start_step
+            # the first batch: retrieved with the snapshot a resumed run restored, else with
+            # the initial query encoder
+            pending = submit(position, snapshot) if step < config.train_steps else None
             while step < config.train_steps:
                 t0 = time.perf_counter()
-                host = builder(position.next_batch(examples, per_process, config.seed, process))
-                batch = _shard_batch(host.batch, mesh)
+                (host, batch, host_seconds), position = pending[0].result(), pending[1]
                 t1 = time.perf_counter()
+                snapshot = retrieval.snapshot(model)  # q before this step: the next batch's
                 metrics = train_step(model, optimizer, batch)
                 step += 1
+                if step < config.train_steps:  # built while the step runs (with prefetch)
+                    pending = submit(position, snapshot)
+                metrics = jax.block_until_ready(metrics)
+                t2 = time.perf_counter()
                 window.extend(host.doc_ids[host.doc_ids >= 0].tolist())
                 for part, count in host.n_truncated.items():
                     truncated[part] = truncated.get(part, 0) + count
                 if step % config.log_every == 0 or step == config.train_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    t2 = time.perf_counter()
+                    t3 = time.perf_counter()
                     metrics.update(
-                        host_seconds=t1 - t0,
-                        device_seconds=t2 - t1,
-                        examples_per_second=config.batch_size / (t2 - t0),
+                        host_seconds=host_seconds,  # retrieval + tokenization of this batch
+                        host_wait_seconds=t1 - t0,  # of which the loop waited for
+                        device_seconds=t2 - t1,  # the step, dispatch to result
+                        examples_per_second=config.batch_size / (t3 - t0),
                         target_tokens_per_second=float(host.batch.target_mask.sum())
                         * process[1]
-                        / (t2 - t0),
+                        / (t3 - t0),
                         learning_rate=float(schedule(step)),
                         skipped_updates=_skipped_updates(optimizer.opt_state),
                         distinct_docs_in_window=len(set(window)),
@@ -568,11 +623,12 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     or step == config.train_steps
                     or preempted.flag
                 ):
-                    _save(manager, step, model, optimizer, position)
+                    _save(manager, step, model, optimizer, position, snapshot)
                 if preempted.flag:
                     log.warning("SIGTERM: saved step %d and stopped", step)
                     break
     finally:
+        retrieval.close()
         manager.wait_until_finished()
         manager.close()
         writer.close()
@@ -597,28 +653,49 @@ def _watch_collapse(metrics: dict, config, model_config: RagConfig) -> None:
         )
 
 
-def _train_state(model: RagModel, optimizer: nnx.Optimizer) -> nnx.State:
-    """Everything a resume needs from the networks: parameters and optimizer state."""
-    return nnx.State({"params": nnx.state(model, nnx.Param), "optimizer": nnx.state(optimizer)})
+def _train_state(model: RagModel, optimizer: nnx.Optimizer, snapshot=None) -> nnx.State:
+    """Everything a resume needs from the networks: parameters, optimizer state, and the
+    query encoder the next batch is retrieved with (see :class:`_Retrieval`)."""
+    snapshot = nnx.state(model.query_encoder) if snapshot is None else snapshot
+    return nnx.State(
+        {
+            "params": nnx.state(model, nnx.Param),
+            "optimizer": nnx.state(optimizer),
+            "retrieval_query_encoder": snapshot,
+        }
+    )
 
 
 def _save(
-    manager, step: int, model: RagModel, optimizer: nnx.Optimizer, position: DataPosition
+    manager,
+    step: int,
+    model: RagModel,
+    optimizer: nnx.Optimizer,
+    position: DataPosition,
+    snapshot: nnx.State,
 ) -> None:
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(nnx.to_pure_dict(_train_state(model, optimizer))),
+            state=ocp.args.StandardSave(nnx.to_pure_dict(_train_state(model, optimizer, snapshot))),
             position=ocp.args.JsonSave(dataclasses.asdict(position)),
         ),
     )
 
 
 def _restore(
-    manager, model: RagModel, optimizer: nnx.Optimizer, step: int | None = None
-) -> tuple[int, DataPosition]:
+    manager,
+    model: RagModel,
+    optimizer: nnx.Optimizer,
+    step: int | None = None,
+    snapshot: nnx.State | None = None,
+) -> tuple[int, DataPosition, nnx.State]:
+    """Restores ``step`` (default: the latest) into ``model`` and ``optimizer``; returns the
+    step, the data position and the query encoder the next batch is retrieved with
+    (``snapshot``: a state of that structure to restore into, default a copy of the model's)."""
     step = manager.latest_step() if step is None else step
-    state = _train_state(model, optimizer)
+    snapshot = _Retrieval.snapshot(model) if snapshot is None else snapshot
+    state = _train_state(model, optimizer, snapshot)
     restored = manager.restore(
         step,
         args=ocp.args.Composite(
@@ -629,7 +706,7 @@ def _restore(
     nnx.replace_by_pure_dict(state, restored["state"])
     nnx.update(model, state["params"])
     nnx.update(optimizer, state["optimizer"])
-    return step, DataPosition(**restored["position"])
+    return step, DataPosition(**restored["position"]), state["retrieval_query_encoder"]
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):

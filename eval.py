@@ -1,0 +1,61 @@
+"""Evaluates a trained RAG model on a QA file.
+
+``python eval.py --config configs/X.py --workdir DIR --data qa.jsonl [--index DIR]
+[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only]``
+
+Writes ``predictions.jsonl`` and ``metrics.json`` to ``--out`` (default
+``DIR/eval/<data file name>``); re-running resumes after the last question written.
+"""
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
+from rag_jax.training import load_trained
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
+flags.DEFINE_string("workdir", None, "The training workdir (its latest checkpoint is used).")
+flags.DEFINE_string("data", None, "QA file: JSONL / DPR json / TSV.")
+flags.DEFINE_string("index", None, "Another index directory to answer from (hot swap).")
+flags.DEFINE_enum("decode", "token", ["token", "thorough", "fast"], "Decoding mode.")
+flags.DEFINE_integer("beams", 4, "Beam size (1: greedy).")
+flags.DEFINE_integer("n_docs", None, "Documents per question (default: the model's K).")
+flags.DEFINE_integer("max_length", 20, "Maximum generated tokens, start token included.")
+flags.DEFINE_integer("batch_size", 8, "Questions per batch.")
+flags.DEFINE_bool("retrieval_only", False, "Only retrieve and score recall@k.")
+flags.DEFINE_string("out", None, "Output directory.")
+flags.mark_flags_as_required(["config", "workdir", "data"])
+
+
+def main(argv):
+    del argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = EvalSettings(
+            decode=FLAGS.decode, beams=FLAGS.beams, n_docs=FLAGS.n_docs,
+            max_length=FLAGS.max_length, batch_size=FLAGS.batch_size,
+            retrieval_only=FLAGS.retrieval_only,
+        )  # fmt: skip
+        model, question_tokenizer, generator_tokenizer = load_trained(FLAGS.config, FLAGS.workdir)
+        knowledge = None
+        if not model.config.closed_book:
+            from rag_jax.index import KnowledgeSource
+
+            knowledge = KnowledgeSource(FLAGS.config.data.index)
+            if FLAGS.index:
+                knowledge.swap(FLAGS.index)  # checked against the first index's encoder
+        evaluator = Evaluator(model, question_tokenizer, generator_tokenizer, knowledge, settings)
+        out = FLAGS.out or f"{FLAGS.workdir}/eval/{FLAGS.data.rsplit('/', 1)[-1]}"
+        metrics = evaluate(evaluator, FLAGS.data, out, progress=True)
+    except (ValueError, OSError) as error:  # bad input or files: one line, no traceback
+        sys.exit(f"error: {error}")
+    print(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -584,12 +584,13 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             while step < config.train_steps:
                 t0 = time.perf_counter()
                 (host, batch, host_seconds), position = pending[0].result(), pending[1]
-                t1 = time.perf_counter()
+                waited = time.perf_counter() - t0
                 snapshot = retrieval.snapshot(model)  # q before this step: the next batch's
+                if step + 1 < config.train_steps:  # with prefetch, built while the step runs
+                    pending = submit(position, snapshot)
+                t1 = time.perf_counter()
                 metrics = train_step(model, optimizer, batch)
                 step += 1
-                if step < config.train_steps:  # built while the step runs (with prefetch)
-                    pending = submit(position, snapshot)
                 metrics = jax.block_until_ready(metrics)
                 t2 = time.perf_counter()
                 window.extend(host.doc_ids[host.doc_ids >= 0].tolist())
@@ -600,7 +601,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     t3 = time.perf_counter()
                     metrics.update(
                         host_seconds=host_seconds,  # retrieval + tokenization of this batch
-                        host_wait_seconds=t1 - t0,  # of which the loop waited for
+                        host_wait_seconds=waited,  # of which the loop waited for
                         device_seconds=t2 - t1,  # the step, dispatch to result
                         examples_per_second=config.batch_size / (t3 - t0),
                         target_tokens_per_second=float(host.batch.target_mask.sum())

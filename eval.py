@@ -34,7 +34,8 @@ flags.mark_flags_as_required(["config", "workdir", "data"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rag_jax").setLevel(logging.INFO)  # ours; orbax and absl say too much
     try:
         settings = EvalSettings(
             decode=FLAGS.decode, beams=FLAGS.beams, n_docs=FLAGS.n_docs,

@@ -26,7 +26,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
     del argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("rag_jax").setLevel(logging.INFO)  # ours; orbax and absl say too much
     if FLAGS.distributed or FLAGS.coordinator:
         # CPU processes exchange collectives over gloo (GPU and TPU use their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.rag = ml_collections.ConfigDict()  # RagConfig: see rag_jax/rag.py
     config.rag.n_docs = 4  # K: documents per question
+    config.rag.doc_score_scale = 1.0  # p(z|x) ∝ exp(scale · d(z)·q(x)); 20 for unit vectors
     config.rag.marginalization = "sequence"  # "sequence", "token" or "closed_book"
     config.rag.label_smoothing = 0.0  # epsilon of label smoothing
     config.rag.max_question_length = 32  # L: query-encoder tokens
@@ -67,6 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 2  # linear warmup from 0
     config.optimizer.end_lr_factor = 0.1  # final learning rate / peak
     config.optimizer.decay_steps = 0  # steps of the decay's whole schedule; 0: train_steps
+    config.optimizer.query_encoder_lr_factor = 1.0  # BERT_q's learning rate / the generator's
     config.optimizer.b1 = 0.9  # Adam beta1
     config.optimizer.b2 = 0.999  # Adam beta2
     config.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay

@@ -167,6 +167,7 @@ class Evaluator:
             k = min(max(max(RECALL_AT), self.n_docs), self.knowledge.manifest.count)
             result, passages = self.knowledge.retrieve(query, k)
             ids, scores = np.asarray(result.ids), np.asarray(result.scores, np.float32)
+            scores = scores * config.doc_score_scale  # as RagModel.doc_scores scales them
             doc_scores = np.where(ids[:, : self.n_docs] >= 0, scores[:, : self.n_docs], -np.inf)
             probs = np.asarray(jax.nn.softmax(jnp.asarray(doc_scores), axis=-1))
             for b, record in enumerate(records):

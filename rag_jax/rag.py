@@ -53,6 +53,10 @@ class RagConfig:
     """
 
     n_docs: int = 5  # K: documents per question
+    # p(z|x) ∝ exp(doc_score_scale · d(z)·q(x)). 1 for DPR's unnormalised vectors; for unit
+    # vectors (sentence-transformers) the cosine's range [-1, 1] would leave p(z|x) nearly
+    # uniform, so they take the temperature of their contrastive training (scale 20).
+    doc_score_scale: float = 1.0
     marginalization: Literal["sequence", "token", "closed_book"] = "sequence"
     label_smoothing: float = 0.0
     max_question_length: int = 64  # L: query-encoder input tokens (longer questions are cut)
@@ -111,10 +115,11 @@ class RagModel(nnx.Module):
         return self.query_encoder.embed(question_ids, question_mask)
 
     def doc_scores(self, batch: RagBatch) -> Array:
-        """``d(z)·q(x)`` recomputed with the current ``BERT_q``; ``-inf`` for padding, (B, K)."""
+        """``scale · d(z)·q(x)``, recomputed with the current ``BERT_q``; ``-inf`` for padding,
+        (B, K)."""
         query_emb = self.embed_questions(batch.question_ids, batch.question_mask)  # (B, H)
         scores = retriever_scores(query_emb, batch.doc_vectors.astype(jnp.float32))  # (B, K)
-        return jnp.where(batch.doc_mask, scores, -jnp.inf)
+        return jnp.where(batch.doc_mask, self.config.doc_score_scale * scores, -jnp.inf)
 
     def generator_logits(self, batch: RagBatch) -> Array:
         """Teacher-forced logits for every (document, question) input: (B, K, T, V)."""

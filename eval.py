@@ -12,6 +12,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
@@ -36,6 +37,7 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rag_jax").setLevel(logging.INFO)  # ours; orbax and absl say too much
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         settings = EvalSettings(
             decode=FLAGS.decode, beams=FLAGS.beams, n_docs=FLAGS.n_docs,

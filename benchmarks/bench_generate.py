@@ -49,12 +49,11 @@ def main() -> None:
 
     import tempfile
 
-    import torch
     import transformers
 
     from rag_jax import decode
     from rag_jax.models import load_bart
-    from tests.oracles import BART_BASE, bart_config, random_model
+    from tests.oracles import BART_BASE, bart_config, rag_for_generation, rag_generate, random_model
 
     B, K, S = args.batch, args.n_docs, args.source_length
     # A small generator on BART's real vocabulary (the LM head over V = 50265 is real work).
@@ -65,14 +64,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as directory:
         theirs.save_pretrained(directory)
         ours = load_bart(directory)
-    question_encoder = random_model(
-        transformers.DPRConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=32),
-        transformers.DPRQuestionEncoder,
-    )  # fmt: skip
-    rag_config = transformers.RagConfig.from_question_encoder_generator_configs(
-        question_encoder.config, theirs.config, n_docs=K
-    )
     rng = np.random.default_rng(0)
     ids = rng.integers(3, theirs.config.vocab_size, size=(B, K, S))
     mask = np.ones((B, K, S), bool)
@@ -82,13 +73,8 @@ def main() -> None:
     )
     settings = dict(
         num_beams=args.beams, max_length=args.max_length, min_length=0, early_stopping=False,
-        do_sample=False, no_repeat_ngram_size=0, n_docs=K,
+        do_sample=False, no_repeat_ngram_size=0,
     )  # fmt: skip
-    torch_inputs = dict(
-        context_input_ids=torch.tensor(ids.reshape(B * K, S)),
-        context_attention_mask=torch.tensor(mask.reshape(B * K, S).astype(np.int64)),
-        doc_scores=torch.tensor(doc_scores),
-    )
     eos = ours.config.eos_token_id
     print(f"B={B} K={K} beams={args.beams} S={S} max_length={args.max_length} "
           f"generator d_model={theirs.config.d_model} layers={theirs.config.encoder_layers}+"
@@ -100,14 +86,13 @@ def main() -> None:
         ("RAG-Sequence thorough", transformers.RagSequenceForGeneration,
          lambda: decode.rag_sequence_generate(ours, ids, mask, doc_scores, config)[0][:, 0]),
     ):  # fmt: skip
-        model = cls(rag_config, question_encoder=question_encoder, generator=theirs).eval()
+        model = rag_for_generation(cls, theirs, K)
         start = time.perf_counter()
         ours_out = np.asarray(ours_fn())
         compile_seconds = time.perf_counter() - start
 
         def reference(model=model):
-            with torch.no_grad():
-                return model.generate(**torch_inputs, **settings).numpy()
+            return rag_generate(model, ids, mask, doc_scores, **settings)
 
         ref_out = reference()
         seconds = interleaved_medians(

@@ -195,3 +195,33 @@ def reference_nll(
     loss.sum().backward()
     dlogits = seq_logits.grad.numpy().reshape(B, K, T + 1, V)[:, :, :T]
     return loss.detach().numpy(), dlogits, scores.grad.numpy()
+
+
+# --- RAG generation ------------------------------------------------------------------------------
+
+
+def rag_for_generation(cls: type, generator: torch.nn.Module, n_docs: int) -> torch.nn.Module:
+    """transformers' ``RagTokenForGeneration`` / ``RagSequenceForGeneration`` around
+    ``generator``, with a tiny random DPR question encoder that decoding from given context
+    inputs and doc scores never runs."""
+    question_encoder = random_model(
+        transformers.DPRConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32),
+        transformers.DPRQuestionEncoder,
+    )  # fmt: skip
+    config = transformers.RagConfig.from_question_encoder_generator_configs(
+        question_encoder.config, generator.config, n_docs=n_docs
+    )
+    return cls(config, question_encoder=question_encoder, generator=generator).eval()
+
+
+def rag_generate(model: torch.nn.Module, context_ids, context_mask, doc_scores, **settings):
+    """``model.generate`` on ``(B, K, S)`` context inputs and ``(B, K)`` doc scores -> numpy."""
+    B, K, S = np.shape(context_ids)
+    ids = torch.tensor(np.reshape(context_ids, (B * K, S)))
+    mask = torch.tensor(np.reshape(context_mask, (B * K, S)).astype(np.int64))
+    with torch.no_grad():
+        return model.generate(
+            context_input_ids=ids, context_attention_mask=mask,
+            doc_scores=torch.tensor(doc_scores), n_docs=K, **settings,
+        ).numpy()  # fmt: skip

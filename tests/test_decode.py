@@ -9,7 +9,7 @@ from rag_jax import decode
 from rag_jax.decode import DecodeConfig
 from rag_jax.marginalize import rag_sequence_log_likelihood, target_log_probs
 from rag_jax.models import load_bart
-from tests.oracles import PAD, bart_config, random_model
+from tests.oracles import PAD, bart_config, rag_for_generation, rag_generate, random_model
 
 B, K, S = 2, 3, 10
 
@@ -38,18 +38,6 @@ def settings(theirs, beams: int, max_length: int = 8, **extra) -> dict:
                 early_stopping=False, do_sample=False, no_repeat_ngram_size=0, **extra)  # fmt: skip
 
 
-def rag_reference(theirs, cls):
-    question_encoder = random_model(
-        transformers.DPRConfig(vocab_size=99, hidden_size=16, num_hidden_layers=1,
-                               num_attention_heads=2, intermediate_size=32),
-        transformers.DPRQuestionEncoder,
-    )  # fmt: skip
-    config = transformers.RagConfig.from_question_encoder_generator_configs(
-        question_encoder.config, theirs.config, n_docs=K
-    )
-    return cls(config, question_encoder=question_encoder, generator=theirs).eval()
-
-
 def ours_config(ours, beams: int, max_length: int = 8) -> DecodeConfig:
     return DecodeConfig.from_generator(ours.config, beam_size=beams, max_length=max_length)
 
@@ -62,13 +50,8 @@ def pad_to(x: np.ndarray, length: int) -> np.ndarray:
 def test_rag_token_generate_equals_transformers(generators, beams):
     theirs, ours = generators
     ids, mask, doc_scores = contexts(0, theirs.config.vocab_size)
-    rag = rag_reference(theirs, transformers.RagTokenForGeneration)
-    with torch.no_grad():
-        expected = rag.generate(
-            context_input_ids=torch.tensor(ids.reshape(B * K, S)),
-            context_attention_mask=torch.tensor(mask.reshape(B * K, S).astype(np.int64)),
-            doc_scores=torch.tensor(doc_scores), n_docs=K, **settings(theirs, beams),
-        ).numpy()  # fmt: skip
+    rag = rag_for_generation(transformers.RagTokenForGeneration, theirs, K)
+    expected = rag_generate(rag, ids, mask, doc_scores, **settings(theirs, beams))
     sequences, _, _ = decode.rag_token_generate(
         ours, ids, mask, doc_scores, ours_config(ours, beams)
     )
@@ -79,13 +62,8 @@ def test_rag_token_generate_equals_transformers(generators, beams):
 def test_rag_sequence_thorough_equals_transformers(generators, beams):
     theirs, ours = generators
     ids, mask, doc_scores = contexts(1, theirs.config.vocab_size)
-    rag = rag_reference(theirs, transformers.RagSequenceForGeneration)
-    with torch.no_grad():
-        expected = rag.generate(
-            context_input_ids=torch.tensor(ids.reshape(B * K, S)),
-            context_attention_mask=torch.tensor(mask.reshape(B * K, S).astype(np.int64)),
-            doc_scores=torch.tensor(doc_scores), n_docs=K, **settings(theirs, beams),
-        ).numpy()  # fmt: skip
+    rag = rag_for_generation(transformers.RagSequenceForGeneration, theirs, K)
+    expected = rag_generate(rag, ids, mask, doc_scores, **settings(theirs, beams))
     sequences, _ = decode.rag_sequence_generate(
         ours, ids, mask, doc_scores, ours_config(ours, beams)
     )

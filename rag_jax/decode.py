@@ -31,7 +31,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from rag_jax.marginalize import doc_log_probs, rag_token_log_probs, target_log_probs
+from rag_jax.marginalize import (
+    doc_log_probs,
+    has_documents,
+    rag_token_log_probs,
+    target_log_probs,
+)
 from rag_jax.models import Bart, BartConfig
 
 Array = jax.Array
@@ -221,7 +226,7 @@ def _encode(generator: Bart, context_ids: Array, context_mask: Array):
 def check_documents(doc_scores: Array) -> None:
     """Raises ValueError naming the questions without any document (all scores ``-inf``):
     decoding them has no distribution to follow."""
-    has_docs = jnp.any(jnp.asarray(doc_scores) != -jnp.inf, axis=-1)
+    has_docs = has_documents(jnp.asarray(doc_scores))
     if not bool(jnp.all(has_docs)):
         missing = [int(i) for i in jnp.nonzero(~has_docs)[0]]
         raise ValueError(f"questions {missing} have no document (every doc_score is -inf)")

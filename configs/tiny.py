@@ -22,6 +22,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.question_encoder = ""  # BERT_q: a BERT / DPR / sentence-transformers dir
     config.model.generator = ""  # a BART dir; empty: build one from generator_init
     config.model.generator_tokenizer = ""  # empty: the generator's dir, else BERT_q's
+    # A BERT dir whose weights initialise the generator built from generator_init (encoder and
+    # decoder layers, embeddings, positions; Rothe et al., 2020); empty: random initialisation.
+    config.model.generator_warm_start = ""
     config.model.bf16 = False  # bf16 compute (parameters and optimizer stay float32)
     config.model.remat = False  # recompute each layer in the backward pass
     # BartConfig fields of a generator trained from scratch (vocab and special ids come from

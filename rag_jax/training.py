@@ -36,6 +36,7 @@ from rag_jax.marginalize import has_documents
 from rag_jax.models import (
     Bart,
     BartConfig,
+    bart_from_bert,
     load_bart,
     load_bert_encoder,
     load_bert_tokenizer,
@@ -61,7 +62,8 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
 
     The query encoder loads from ``model.question_encoder``; the generator either loads from
     ``model.generator`` or, when that is empty, is initialised from ``model.generator_init``
-    (a BartConfig's fields) on the generator tokenizer's vocabulary and special tokens.
+    (a BartConfig's fields) on the generator tokenizer's vocabulary and special tokens:
+    randomly, or from the BERT in ``model.generator_warm_start`` (``models.bart_from_bert``).
     """
     model_config = config.model
     dtype = jnp.bfloat16 if model_config.bf16 else jnp.float32
@@ -89,9 +91,14 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
             forced_eos_token_id=None,
             **model_config.generator_init.to_dict(),
         )
-        generator = Bart(
-            bart_config, dtype=dtype, remat=model_config.remat, rngs=nnx.Rngs(config.seed)
-        )
+        rngs = nnx.Rngs(config.seed)
+        if model_config.generator_warm_start:
+            bert = load_bert_encoder(model_config.generator_warm_start).bert
+            generator = bart_from_bert(
+                bert, bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs
+            )
+        else:
+            generator = Bart(bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs)
     # Ids >= vocab_size would read NaN embeddings: refuse such a tokenizer here.
     check_tokenizer_vocab(
         question_tokenizer,

@@ -10,6 +10,7 @@ from rag_jax.models.bert import BertConfig, BertEncoder, BertModel, l2_normalize
 from rag_jax.models.hf_bart import load_bart, save_bart
 from rag_jax.models.hf_bert import load_bert_encoder, load_bert_tokenizer, save_bert_encoder
 from rag_jax.models.hf_io import CheckpointError, read_hf_config, save_hf_checkpoint
+from rag_jax.models.warm_start import bart_from_bert
 
 __all__ = [
     "Bart",
@@ -21,6 +22,7 @@ __all__ = [
     "DecodeCache",
     "EncoderMemory",
     "KeyValue",
+    "bart_from_bert",
     "l2_normalize",
     "load_bart",
     "load_bert_encoder",

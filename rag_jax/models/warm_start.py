@@ -1,0 +1,122 @@
+"""A BART generator warm-started from a BERT checkpoint (Rothe et al., 2020, "BERT2BERT").
+
+When no pretrained seq2seq model is at hand, a BERT's weights still give a generator a head
+start: BERT's post-LN layer is BART's encoder layer (self-attention, residual, LayerNorm,
+GELU feed-forward, residual, LayerNorm), so a BART whose encoder layers are BERT's first layers
+computes exactly BERT's hidden states (up to LayerNorm's epsilon). The decoder's self-attention
+and feed-forward blocks come from the same BERT layers; its cross-attention, which BERT has no
+counterpart for, keeps its random initialisation. The token embeddings (tied to the LM head)
+are BERT's word embeddings; the learned positions are BERT's position embeddings plus its
+segment-0 embedding, which BERT adds to every token. Shapes: V vocabulary, H hidden size.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flax import nnx
+from jax import numpy as jnp
+
+from rag_jax.models.bart import POSITION_OFFSET, Bart, BartConfig
+from rag_jax.models.bert import BertModel
+from rag_jax.models.hf_io import assign_params, module_params
+
+# BART layer module <- BERT layer module (both post-LN, the same sublayer order).
+_LAYER_MODULES = {
+    "self_attn.q_proj": "attention.query",
+    "self_attn.k_proj": "attention.key",
+    "self_attn.v_proj": "attention.value",
+    "self_attn.out_proj": "attention.out",
+    "self_attn_layer_norm": "attention_norm",
+    "fc1": "mlp_in",
+    "fc2": "mlp_out",
+    "final_layer_norm": "mlp_norm",
+}
+
+
+def check_warm_start_shapes(bert: BertModel, config: BartConfig) -> None:
+    """Raises ValueError naming the BartConfig field that BERT's weights cannot fill."""
+    b = bert.config
+    required = {
+        "vocab_size": b.vocab_size,
+        "d_model": b.hidden_size,
+        "encoder_attention_heads": b.num_attention_heads,
+        "decoder_attention_heads": b.num_attention_heads,
+        "encoder_ffn_dim": b.intermediate_size,
+        "decoder_ffn_dim": b.intermediate_size,
+        "activation_function": b.hidden_act,
+        "normalize_before": False,
+        "scale_embedding": False,
+    }
+    for field, value in required.items():
+        if getattr(config, field) != value:
+            raise ValueError(
+                f"generator {field}={getattr(config, field)!r} cannot be warm-started from a "
+                f"BERT with {value!r}; set {field}={value!r}"
+            )
+    upper = {
+        "encoder_layers": b.num_hidden_layers,
+        "decoder_layers": b.num_hidden_layers,
+        "max_position_embeddings": b.max_position_embeddings,
+    }
+    for field, limit in upper.items():
+        if getattr(config, field) > limit:
+            raise ValueError(
+                f"generator {field}={getattr(config, field)} exceeds the BERT's {limit}"
+            )
+
+
+def warm_start_values(bert: BertModel, config: BartConfig) -> dict[str, np.ndarray]:
+    """{BART NNX path: value} for every BART parameter BERT's weights provide.
+
+    Missing from the result (they keep their initialisation): the decoder's cross-attention
+    and its LayerNorm, and the two position rows below ``POSITION_OFFSET``.
+    """
+    check_warm_start_shapes(bert, config)
+    src = module_params(bert)
+    n = config.max_position_embeddings
+    positions = src["embeddings.position.embedding"][:n] + src["embeddings.token_type.embedding"][0]
+    values = {"shared.embedding": src["embeddings.word.embedding"]}
+    for stack, n_layers in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
+        values[f"{stack}.embed_positions.embedding"] = positions  # rows from POSITION_OFFSET
+        for leaf in ("scale", "bias"):
+            values[f"{stack}.layernorm_embedding.{leaf}"] = src[f"embeddings.norm.{leaf}"]
+        for i in range(n_layers):
+            for bart_module, bert_module in _LAYER_MODULES.items():
+                for leaf in ("kernel", "bias", "scale"):
+                    source = f"layers.{i}.{bert_module}.{leaf}"
+                    if source in src:
+                        values[f"{stack}.layers.{i}.{bart_module}.{leaf}"] = src[source]
+    return values
+
+
+def bart_from_bert(
+    bert: BertModel,
+    config: BartConfig,
+    *,
+    dtype=jnp.float32,
+    remat: bool = False,
+    rngs: nnx.Rngs,
+) -> Bart:
+    """A ``Bart(config)`` initialised from ``bert`` as the module docstring describes.
+
+    Args:
+      bert: the BERT to copy (``BertEncoder.bert``); it is not modified.
+      config: the generator's shape. Must match BERT's vocabulary, hidden size, heads,
+        feed-forward size and activation, be post-LN without embedding scaling, and use at
+        most BERT's number of layers (encoder and decoder each take BERT's first layers) and
+        positions.
+      dtype, remat: as for ``Bart``.
+      rngs: initialises what BERT does not provide (cross-attention).
+
+    Raises:
+      ValueError: a ``config`` field BERT's weights cannot fill, named.
+    """
+    values = warm_start_values(bert, config)
+    bart = Bart(config, dtype=dtype, remat=remat, rngs=rngs)
+    params = module_params(bart)
+    for path, value in values.items():
+        if path.endswith("embed_positions.embedding"):
+            value = np.concatenate([params[path][:POSITION_OFFSET], value])
+        params[path] = value
+    assign_params(bart, params, source="BERT warm start")
+    return bart

@@ -93,6 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
     # runs. Either way the next batch is retrieved with the query encoder from before the
     # current step (one step stale), so this changes speed, never results.
     config.data.prefetch = True
+    # "host": search the index on the host each step; "device": an exact index's vectors and
+    # the passages' tokens on the device, retrieval inside the jitted step (same losses).
+    config.data.retrieval = "host"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 3e-5  # peak learning rate (the paper)

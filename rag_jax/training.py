@@ -30,8 +30,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rag_jax import device_retrieval
 from rag_jax.data import BatchBuilder, QAExample, read_qa, tokenize_questions
-from rag_jax.index import IndexMismatchError, KnowledgeSource
+from rag_jax.index import ExactIndex, IndexMismatchError, KnowledgeSource
 from rag_jax.marginalize import has_documents
 from rag_jax.models import (
     Bart,
@@ -194,8 +195,7 @@ def loss_fn(model: RagModel, batch: RagBatch):
     return loss, (nll, doc_scores, counted)
 
 
-@nnx.jit(donate_argnums=(0, 1))
-def train_step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
+def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
     """One optimizer step; returns the step's measurements (device scalars)."""
     (loss, (nll, doc_scores, counted)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
         model, batch
@@ -210,6 +210,40 @@ def train_step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> di
         / jnp.maximum(jnp.sum(counted), 1),
         "questions_without_docs": jnp.sum(~has_documents(doc_scores)),
         "top_doc_prob": jnp.mean(jnp.max(jax.nn.softmax(doc_scores, axis=-1), axis=-1)),
+    }
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def train_step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
+    """One optimizer step on a batch retrieved on the host; the step's measurements."""
+    return _step(model, optimizer, batch)
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def device_train_step(
+    model: RagModel,
+    optimizer: nnx.Optimizer,
+    corpus: device_retrieval.DeviceCorpus,
+    retrieval_state: nnx.State,
+    questions: device_retrieval.QuestionBatch,
+) -> dict:
+    """Retrieval on the device, then the same step as :func:`train_step`.
+
+    ``retrieval_state`` is the query encoder the documents are retrieved with: one step
+    stale, as on the host (see :class:`_Retrieval`). The measurements add the retrieved
+    ``doc_ids`` (B, K) and ``n_cut`` (B,), the generator inputs cut, split like the batch.
+    """
+    query_encoder = nnx.merge(nnx.graphdef(model.query_encoder), retrieval_state)
+    batch, doc_ids, n_cut = device_retrieval.retrieve(
+        query_encoder, corpus, questions, model.config
+    )
+    # Split the batch over the mesh as the host path's batch is: the same partitioned step
+    # (and each device computes its own rows, not all of them).
+    by_row = PartitionSpec(partitioning.MESH_AXES)
+    batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_row), batch)
+    return _step(model, optimizer, batch) | {
+        "doc_ids": jax.lax.with_sharding_constraint(doc_ids, by_row),
+        "n_cut": jax.lax.with_sharding_constraint(n_cut, by_row),
     }
 
 
@@ -319,9 +353,12 @@ def _query_preprocessing(model: RagModel, question_encoder_dir: str) -> dict:
     }
 
 
-def open_knowledge(config: ml_collections.ConfigDict, model: RagModel) -> KnowledgeSource | None:
+def open_knowledge(
+    config: ml_collections.ConfigDict, model: RagModel, mesh=None
+) -> KnowledgeSource | None:
     """The index of ``config.data.index``, checked against the query encoder: the same vector
     size, pooling, normalisation and tokenizer files as the document encoder that built it.
+    With ``mesh``, an exact index's vectors are sharded over its devices.
 
     Raises:
       IndexMismatchError: naming the index, its encoder and the query encoder.
@@ -335,6 +372,7 @@ def open_knowledge(config: ml_collections.ConfigDict, model: RagModel) -> Knowle
             backend=config.data.index_backend or None,
             dim=model.query_encoder.output_dim,
             encoder_preprocessing=_query_preprocessing(model, question_encoder),
+            mesh=mesh,
         )
     except IndexMismatchError as error:
         raise IndexMismatchError(
@@ -476,6 +514,53 @@ def _shard_batch(batch: RagBatch, mesh) -> RagBatch:
     )
 
 
+def _retrieval_mode(config: ml_collections.ConfigDict, model: RagModel) -> str:
+    """``config.data.retrieval``, checked: "host" or "device" ("host" for closed-book models,
+    which retrieve nothing)."""
+    mode = config.data.get("retrieval", "host")
+    if mode not in ("host", "device"):
+        raise ValueError(f"config.data.retrieval must be 'host' or 'device', got {mode!r}")
+    return "host" if model.config.closed_book else mode
+
+
+def _device_corpus(
+    knowledge: KnowledgeSource, builder: BatchBuilder, examples: list[QAExample]
+) -> device_retrieval.DeviceCorpus:
+    """The index's vectors (already on the mesh) and its passages' tokens, for retrieval
+    inside the train step.
+
+    Raises:
+      ValueError: naming ``data.retrieval``, for an index searched with ScaNN, or a generator
+        tokenizer that would not give the host path's inputs.
+    """
+    if not isinstance(knowledge.index, ExactIndex):
+        raise ValueError(
+            f"config.data.retrieval='device' searches an exact index on the device, but "
+            f"{knowledge.path} is opened with ScaNN: set config.data.index_backend='exact' (exact "
+            f"search of its vectors) or config.data.retrieval='host'"
+        )
+    passages = knowledge.passages(np.arange(knowledge.manifest.count))
+    return device_retrieval.device_corpus(
+        knowledge.index,
+        passages,
+        builder.generator_tokenizer,
+        builder.config,
+        builder.generator_config.vocab_size,
+        probe_question=examples[0].question,
+    )
+
+
+@dataclasses.dataclass
+class _Prepared:
+    """A batch ready for the train step, and what the loop reports of it."""
+
+    inputs: Any  # on the mesh: a RagBatch (host retrieval) or a QuestionBatch (device)
+    doc_ids: np.ndarray | None  # (B, K) this process's retrieved ids; None: known after the step
+    n_truncated: dict[str, int]  # inputs cut, by part (this process's)
+    n_target_tokens: int  # this process's
+    retrieval_state: nnx.State | None = None  # device retrieval: the query encoder to use
+
+
 def _local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a global array sharded on its first axis, in order."""
     shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
@@ -497,12 +582,24 @@ class _Retrieval:
     step n runs on the device (``config.data.prefetch``), and a run with prefetch gives
     exactly the losses of one without. Retrieval is one optimizer step stale, never more; the
     snapshot is saved with each checkpoint, so a resumed run retrieves as an uninterrupted one.
+
+    With device retrieval (``corpus`` given) the host only tokenizes questions and answers;
+    the step retrieves, with the same one-step-stale query encoder.
     """
 
-    def __init__(self, builder: BatchBuilder, model: RagModel, mesh, prefetch: bool):
-        self.builder, self.mesh = builder, mesh
+    def __init__(
+        self,
+        builder: BatchBuilder,
+        model: RagModel,
+        mesh,
+        prefetch: bool,
+        corpus: device_retrieval.DeviceCorpus | None = None,
+    ):
+        self.builder, self.mesh, self.corpus = builder, mesh, corpus
         self.graphdef = nnx.graphdef(model.query_encoder)
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        # one passage, to check that questions tokenize apart from passages (device_retrieval)
+        self.probe_passage = builder.knowledge.passages(0) if corpus is not None else None
 
     @staticmethod
     def snapshot(model: RagModel) -> nnx.State:
@@ -526,23 +623,63 @@ class _Retrieval:
         with jax.set_mesh(self.mesh):
             return _embed_on_mesh(self.graphdef, state, ids, mask)  # (B, H), asynchronous
 
-    def _build(self, examples, query_emb):
+    def _build(self, examples, query_emb) -> tuple[_Prepared, float]:
         start = time.perf_counter()
         self.builder.embed_fn = lambda ids, mask: _local_rows(query_emb)
         host = self.builder(examples)
-        batch = _shard_batch(host.batch, self.mesh)
-        return host, batch, time.perf_counter() - start
+        prepared = _Prepared(
+            _shard_batch(host.batch, self.mesh),
+            host.doc_ids,
+            host.n_truncated,
+            int(host.batch.target_mask.sum()),
+        )
+        return prepared, time.perf_counter() - start
+
+    def _build_questions(self, examples, state) -> tuple[_Prepared, float]:
+        """Device retrieval: the host's part of the batch, questions and answers tokenized."""
+        start = time.perf_counter()
+        questions, n_truncated = device_retrieval.question_batch(
+            examples, self.builder, self.probe_passage
+        )
+        prepared = _Prepared(
+            _shard_batch(questions, self.mesh),
+            None,
+            n_truncated,
+            int(questions.target_mask.sum()),
+            retrieval_state=state,
+        )
+        return prepared, time.perf_counter() - start
 
     def submit(self, examples, state) -> Future:
         """The batch of ``examples`` retrieved with query-encoder ``state``: the embedding is
         dispatched now, search and tokenization run in the background with prefetch, else
-        now; ``.result()`` is ``(host_batch, device_batch, host_seconds)``."""
-        query_emb = self._dispatch_embedding(examples, state)
+        now (device retrieval: only tokenization); ``.result()`` is ``(prepared,
+        host_seconds)``."""
+        if self.corpus is None:
+            build, args = self._build, (examples, self._dispatch_embedding(examples, state))
+        else:
+            build, args = self._build_questions, (examples, state)
         if self.pool is not None:
-            return self.pool.submit(self._build, examples, query_emb)
+            return self.pool.submit(build, *args)
         future = Future()
-        future.set_result(self._build(examples, query_emb))
+        future.set_result(build(*args))
         return future
+
+    def step(
+        self, model: RagModel, optimizer: nnx.Optimizer, prepared: _Prepared
+    ) -> tuple[dict, np.ndarray, dict[str, int]]:
+        """Runs the train step on ``prepared`` and waits for it; returns the measurements
+        (device scalars), this process's retrieved ids (B, K) and its inputs cut, by part."""
+        if self.corpus is None:
+            metrics = jax.block_until_ready(train_step(model, optimizer, prepared.inputs))
+            return metrics, prepared.doc_ids, prepared.n_truncated
+        metrics = device_train_step(
+            model, optimizer, self.corpus, prepared.retrieval_state, prepared.inputs
+        )
+        metrics = jax.block_until_ready(metrics)
+        doc_ids = _local_rows(metrics.pop("doc_ids"))
+        n_cut = int(_local_rows(metrics.pop("n_cut")).sum())
+        return metrics, doc_ids, {**prepared.n_truncated, "context": n_cut}
 
     def close(self) -> None:
         if self.pool is not None:
@@ -560,7 +697,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     mesh = make_mesh(config)
     model, question_tokenizer, generator_tokenizer = build_model(config)
-    knowledge = open_knowledge(config, model)
+    on_device = _retrieval_mode(config, model) == "device"
+    knowledge = open_knowledge(config, model, mesh=mesh if on_device else None)
     builder = BatchBuilder(
         model.config,
         question_tokenizer,
@@ -570,6 +708,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         embed_fn=lambda ids, mask: None,  # set per batch by _Retrieval
         question_vocab_size=model.query_encoder.bert.config.vocab_size,
     )
+    corpus = _device_corpus(knowledge, builder, examples) if on_device else None
     tx, schedule = make_optimizer(config)
     optimizer = _place_on_mesh(model, tx, mesh, config)
     if jax.process_index() == 0:
@@ -580,7 +719,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
     )
-    retrieval = _Retrieval(builder, model, mesh, prefetch=config.data.get("prefetch", True))
+    retrieval = _Retrieval(
+        builder, model, mesh, prefetch=config.data.get("prefetch", True), corpus=corpus
+    )
     start_step, snapshot = 0, retrieval.snapshot(model)
     if manager.latest_step() is not None:
         start_step, position, snapshot = _restore(manager, model, optimizer, snapshot=snapshot)
@@ -621,18 +762,17 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             pending = submit(position, snapshot) if step < config.train_steps else None
             while step < config.train_steps:
                 t0 = time.perf_counter()
-                (host, batch, host_seconds), position = pending[0].result(), pending[1]
+                (prepared, host_seconds), position = pending[0].result(), pending[1]
                 waited = time.perf_counter() - t0
                 snapshot = retrieval.snapshot(model)  # q before this step: the next batch's
                 if step + 1 < config.train_steps:  # with prefetch, built while the step runs
                     pending = submit(position, snapshot)
                 t1 = time.perf_counter()
-                metrics = train_step(model, optimizer, batch)
+                metrics, doc_ids, n_truncated = retrieval.step(model, optimizer, prepared)
                 step += 1
-                metrics = jax.block_until_ready(metrics)
                 t2 = time.perf_counter()
-                window.extend(host.doc_ids[host.doc_ids >= 0].tolist())
-                for part, count in host.n_truncated.items():
+                window.extend(doc_ids[doc_ids >= 0].tolist())
+                for part, count in n_truncated.items():
                     truncated[part] = truncated.get(part, 0) + count
                 if step % config.log_every == 0 or step == config.train_steps:
                     metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -642,9 +782,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                         host_wait_seconds=waited,  # of which the loop waited for
                         device_seconds=t2 - t1,  # the step, dispatch to result
                         examples_per_second=config.batch_size / (t3 - t0),
-                        target_tokens_per_second=float(host.batch.target_mask.sum())
-                        * process[1]
-                        / (t3 - t0),
+                        target_tokens_per_second=prepared.n_target_tokens * process[1] / (t3 - t0),
                         learning_rate=float(schedule(step)),
                         skipped_updates=_skipped_updates(optimizer.opt_state),
                         distinct_docs_in_window=len(set(window)),

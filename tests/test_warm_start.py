@@ -60,11 +60,15 @@ def test_decoder_layers_and_embeddings_come_from_bert():
         got["decoder.embed_positions.embedding"][2:],
         src["embeddings.position.embedding"][:20] + src["embeddings.token_type.embedding"][0],
     )
-    # Cross-attention has no BERT counterpart: a random initialisation, as a plain Bart's.
+    # Cross-attention: BERT's self-attention by default, else a plain Bart's random init.
+    key = "decoder.layers.1.encoder_attn.k_proj.kernel"
+    np.testing.assert_array_equal(got[key], src["layers.1.attention.key.kernel"])
+    rothe = bart_from_bert(bert, _bart_config(), cross_attention_from_bert=False, rngs=nnx.Rngs(1))
     plain = module_params(bart.__class__(_bart_config(), rngs=nnx.Rngs(1)))
-    key = "decoder.layers.0.encoder_attn.k_proj.kernel"
-    assert not np.allclose(got[key], src["layers.0.attention.key.kernel"])
-    assert np.std(got[key]) == pytest.approx(np.std(plain[key]), rel=0.3)
+    np.testing.assert_array_equal(module_params(rothe)[key], plain[key])
+    np.testing.assert_array_equal(
+        module_params(rothe)["decoder.layers.1.fc1.kernel"], src["layers.1.mlp_in.kernel"]
+    )
 
 
 @pytest.mark.parametrize(

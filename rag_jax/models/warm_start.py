@@ -4,8 +4,11 @@ When no pretrained seq2seq model is at hand, a BERT's weights still give a gener
 start: BERT's post-LN layer is BART's encoder layer (self-attention, residual, LayerNorm,
 GELU feed-forward, residual, LayerNorm), so a BART whose encoder layers are BERT's first layers
 computes exactly BERT's hidden states (up to LayerNorm's epsilon). The decoder's self-attention
-and feed-forward blocks come from the same BERT layers; its cross-attention, which BERT has no
-counterpart for, keeps its random initialisation. The token embeddings (tied to the LM head)
+and feed-forward blocks come from the same BERT layers. Its cross-attention has no BERT
+counterpart; Rothe et al. initialise it randomly, here it starts by default as a copy of the
+same layer's self-attention: BERT's heads that attend to the next and previous positions then
+serve as ready-made copy heads, and a generator that must copy titles from its input learns to
+far sooner (the demo's warm-up, README). The token embeddings (tied to the LM head)
 are BERT's word embeddings; the learned positions are BERT's position embeddings plus its
 segment-0 embedding, which BERT adds to every token. Shapes: V vocabulary, H hidden size.
 """
@@ -21,11 +24,14 @@ from rag_jax.models.bert import BertModel
 from rag_jax.models.hf_io import assign_params, module_params
 
 # BART layer module <- BERT layer module (both post-LN, the same sublayer order).
-_LAYER_MODULES = {
+_ATTENTION_MODULES = {
     "self_attn.q_proj": "attention.query",
     "self_attn.k_proj": "attention.key",
     "self_attn.v_proj": "attention.value",
     "self_attn.out_proj": "attention.out",
+}
+_LAYER_MODULES = {
+    **_ATTENTION_MODULES,
     "self_attn_layer_norm": "attention_norm",
     "fc1": "mlp_in",
     "fc2": "mlp_out",
@@ -65,13 +71,21 @@ def check_warm_start_shapes(bert: BertModel, config: BartConfig) -> None:
             )
 
 
-def warm_start_values(bert: BertModel, config: BartConfig) -> dict[str, np.ndarray]:
+def warm_start_values(
+    bert: BertModel, config: BartConfig, cross_attention_from_bert: bool = True
+) -> dict[str, np.ndarray]:
     """{BART NNX path: value} for every BART parameter BERT's weights provide.
 
     Missing from the result (they keep their initialisation): the decoder's cross-attention
-    and its LayerNorm, and the two position rows below ``POSITION_OFFSET``.
+    LayerNorm, the cross-attention itself unless ``cross_attention_from_bert``, and the two
+    position rows below ``POSITION_OFFSET``.
     """
     check_warm_start_shapes(bert, config)
+    decoder_modules = dict(_LAYER_MODULES)
+    if cross_attention_from_bert:
+        decoder_modules.update(
+            {k.replace("self_attn", "encoder_attn"): v for k, v in _ATTENTION_MODULES.items()}
+        )
     src = module_params(bert)
     n = config.max_position_embeddings
     positions = src["embeddings.position.embedding"][:n] + src["embeddings.token_type.embedding"][0]
@@ -80,8 +94,9 @@ def warm_start_values(bert: BertModel, config: BartConfig) -> dict[str, np.ndarr
         values[f"{stack}.embed_positions.embedding"] = positions  # rows from POSITION_OFFSET
         for leaf in ("scale", "bias"):
             values[f"{stack}.layernorm_embedding.{leaf}"] = src[f"embeddings.norm.{leaf}"]
+        modules = decoder_modules if stack == "decoder" else _LAYER_MODULES
         for i in range(n_layers):
-            for bart_module, bert_module in _LAYER_MODULES.items():
+            for bart_module, bert_module in modules.items():
                 for leaf in ("kernel", "bias", "scale"):
                     source = f"layers.{i}.{bert_module}.{leaf}"
                     if source in src:
@@ -95,6 +110,7 @@ def bart_from_bert(
     *,
     dtype=jnp.float32,
     remat: bool = False,
+    cross_attention_from_bert: bool = True,
     rngs: nnx.Rngs,
 ) -> Bart:
     """A ``Bart(config)`` initialised from ``bert`` as the module docstring describes.
@@ -106,12 +122,14 @@ def bart_from_bert(
         most BERT's number of layers (encoder and decoder each take BERT's first layers) and
         positions.
       dtype, remat: as for ``Bart``.
-      rngs: initialises what BERT does not provide (cross-attention).
+      cross_attention_from_bert: the decoder's cross-attention starts as a copy of its
+        self-attention (BERT's); False: randomly initialised, as in Rothe et al.
+      rngs: initialises what BERT does not provide.
 
     Raises:
       ValueError: a ``config`` field BERT's weights cannot fill, named.
     """
-    values = warm_start_values(bert, config)
+    values = warm_start_values(bert, config, cross_attention_from_bert)
     bart = Bart(config, dtype=dtype, remat=remat, rngs=rngs)
     params = module_params(bart)
     for path, value in values.items():

@@ -127,11 +127,25 @@ def _module_labels(params):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """AdamW with linear warmup and linear decay, global-norm clipping, optional gradient
-    accumulation, and non-finite updates skipped (and counted in the optimizer state)."""
-    opt = config.optimizer
-    total_steps = opt.decay_steps or config.train_steps
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)``: AdamW with linear warmup and linear decay, global-norm clipping,
+    optional gradient accumulation, and non-finite updates skipped (and counted in the
+    optimizer state).
+
+    Equal settings give the same objects: ``nnx.Optimizer`` keeps ``tx`` in its graph
+    definition, the train step's cache key, so a new (equal but not identical) chain would make
+    every :func:`train` in a process compile the step again (a resume, a test's second run).
+    """
+    settings = json.dumps(config.optimizer.to_dict(), sort_keys=True)
+    return _make_optimizer(settings, config.train_steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_optimizer(settings: str, train_steps: int):
+    opt = ml_collections.ConfigDict(json.loads(settings))
+    total_steps = opt.decay_steps or train_steps
     schedule = (
         optax.warmup_cosine_decay_schedule(
             init_value=0.0,
@@ -381,14 +395,20 @@ def open_knowledge(
 
 
 class MetricsWriter:
-    """Each logged step as a JSON line in ``metrics.jsonl`` and as TensorBoard scalars."""
+    """Each logged step as a JSON line in ``metrics.jsonl`` and as TensorBoard scalars.
 
-    def __init__(self, workdir: Path, enabled: bool):
+    A run resumed from step ``resumed_from`` first drops the lines of later steps: an
+    interrupted run logged them after its last checkpoint, and this run logs them again.
+    """
+
+    def __init__(self, workdir: Path, enabled: bool, resumed_from: int = 0):
         self.enabled = enabled
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # no TensorFlow needed
 
+        if resumed_from:
+            _drop_lines_after(workdir / "metrics.jsonl", resumed_from)
         self.jsonl = (workdir / "metrics.jsonl").open("a")
         self.tensorboard = SummaryWriter(str(workdir / "tensorboard"))
 
@@ -404,6 +424,23 @@ class MetricsWriter:
         if self.enabled:
             self.jsonl.close()
             self.tensorboard.close()
+
+
+def _drop_lines_after(path: Path, step: int) -> None:
+    """Rewrites the JSONL file ``path`` (atomically) without the lines of steps after ``step``,
+    and without a line a kill cut short."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 # --------------------------------------------------------------------------------------
@@ -717,7 +754,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     position = DataPosition()
     manager = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.checkpoint.keep, create=True),
+        # cleanup_tmp_directories: a save that a kill cut short left a temporary directory
+        # (never read as a checkpoint); remove it instead of keeping it forever.
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=config.checkpoint.keep, create=True, cleanup_tmp_directories=True
+        ),
     )
     retrieval = _Retrieval(
         builder, model, mesh, prefetch=config.data.get("prefetch", True), corpus=corpus
@@ -732,7 +773,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             position.index,
         )
 
-    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(workdir, enabled=jax.process_index() == 0, resumed_from=start_step)
     process = (jax.process_index(), jax.process_count())
     per_process = config.batch_size // jax.process_count()
 

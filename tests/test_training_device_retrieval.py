@@ -2,6 +2,8 @@
 retrieved ids, generator inputs and losses as retrieval on the host, on the toy index sharded
 over the 4 test devices."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from flax import nnx
 
 from rag_jax import device_retrieval
 from rag_jax.data import BatchBuilder, QAExample, read_qa
-from rag_jax.index import build_index, load_text_encoder
+from rag_jax.index import KnowledgeSource, build_index, load_text_encoder
 from rag_jax.training import (
     _device_corpus,
     build_model,
@@ -20,41 +22,41 @@ from rag_jax.training import (
 from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fixture)
 
 
-def builder_for(config, knowledge):
-    model, question_tokenizer, generator_tokenizer = build_model(config)
-    builder = BatchBuilder(
-        model.config,
-        question_tokenizer,
-        generator_tokenizer,
-        model.generator.config,
-        knowledge=knowledge(model),
-        embed_fn=lambda ids, mask: model.embed_questions(ids, mask),
-        question_vocab_size=model.query_encoder.bert.config.vocab_size,
-    )
-    return model, builder
+@pytest.fixture(scope="module")
+def world(toy):  # noqa: F811
+    config = tiny_config(toy, **{"rag.n_docs": 4})
+    return config, *build_model(config)
 
 
 @pytest.mark.parametrize("context_length", [48, 14])  # 14: every passage is cut
-def test_device_batch_equals_host_batch(toy, context_length):  # noqa: F811
-    config = tiny_config(toy, **{"rag.n_docs": 4, "rag.max_context_length": context_length})
+def test_device_batch_equals_host_batch(world, context_length):
+    config, model, question_tokenizer, generator_tokenizer = world
+    rag = dataclasses.replace(model.config, max_context_length=context_length)
     mesh = make_mesh(config)
+
+    def builder(knowledge: KnowledgeSource) -> BatchBuilder:
+        return BatchBuilder(
+            rag, question_tokenizer, generator_tokenizer, model.generator.config,
+            knowledge=knowledge, embed_fn=model.embed_questions,
+            question_vocab_size=model.query_encoder.bert.config.vocab_size,
+        )  # fmt: skip
+
     examples, _ = read_qa(config.data.train)
     # a question longer than S: the question itself is cut, the passage dropped
     examples.append(QAExample(" ".join(["river"] * 20), ("Quelf",)))
     examples = examples[:4] + examples[-4:]  # B = 8, splits over the 4 devices
-    model, host_builder = builder_for(config, lambda model: open_knowledge(config, model))
-    _, device_builder = builder_for(config, lambda model: open_knowledge(config, model, mesh))
-    host = host_builder(examples)
+    host = builder(open_knowledge(config, model))(examples)
 
-    corpus = _device_corpus(device_builder.knowledge, device_builder, examples)
+    on_device = builder(open_knowledge(config, model, mesh))
+    corpus = _device_corpus(on_device.knowledge, on_device, examples)
     assert corpus.index.embeddings.sharding.mesh == mesh  # rows split over the devices
     questions, n_truncated = device_retrieval.question_batch(
-        examples, device_builder, device_builder.knowledge.passages(0)
+        examples, on_device, on_device.knowledge.passages(0)
     )
 
     @nnx.jit
     def retrieve(query_encoder, corpus, questions):
-        return device_retrieval.retrieve(query_encoder, corpus, questions, model.config)
+        return device_retrieval.retrieve(query_encoder, corpus, questions, rag)
 
     with jax.set_mesh(mesh):
         batch, doc_ids, n_cut = retrieve(model.query_encoder, corpus, questions)

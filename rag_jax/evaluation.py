@@ -199,6 +199,19 @@ class Evaluator:
             record["log_likelihood"] = float(ll)
         return records
 
+    def as_written(self, answers: Sequence[str]) -> list[str]:
+        """The answers as the generator's tokenizer writes them: encoded, then decoded.
+
+        A lossy tokenizer cannot write some answers exactly (uncased WordPiece spaces out
+        punctuation: "Kinkaku-ji" comes back as "kinkaku - ji", which SQuAD's normalisation
+        turns into "kinkaku ji", not "kinkakuji"); scoring accepts this form too, so the
+        model is not marked wrong for what its tokenizer cannot express. For a lossless
+        tokenizer (BART's byte-level BPE) this is the answers themselves.
+        """
+        tokenizer = self.generator_tokenizer
+        ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+        return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
     def _decode(self, context_ids, context_mask, doc_scores):
         generator, config = self.model.generator, self.decode_config
         if self.settings.decode == "token" or self.model.config.closed_book:
@@ -212,12 +225,19 @@ class Evaluator:
         return sequences[:, 0], lls[:, 0]
 
 
-def score_record(record: dict, answers: Sequence[str]) -> dict:
-    """Per-question metrics: em, f1 (if a prediction exists), hit@k (if passages exist)."""
+def score_record(
+    record: dict, answers: Sequence[str], answers_as_written: Sequence[str] = ()
+) -> dict:
+    """Per-question metrics: em, f1 (if a prediction exists), hit@k (if passages exist).
+
+    ``answers_as_written``: the gold answers as the generator's tokenizer writes them
+    (:meth:`Evaluator.as_written`), also accepted by em and f1; recall uses ``answers``.
+    """
     scores = {}
     if "prediction" in record:
-        scores["em"] = exact_match(record["prediction"], answers)
-        scores["f1"] = token_f1(record["prediction"], answers)
+        accepted = [*answers, *answers_as_written]
+        scores["em"] = exact_match(record["prediction"], accepted)
+        scores["f1"] = token_f1(record["prediction"], accepted)
     if "texts" in record:
         hits = [
             has_answer(f"{title} {text}", answers)
@@ -254,7 +274,8 @@ def evaluate(
                 evaluator.answer([e.question for e in batch]), batch, strict=True
             ):
                 record["answers"] = list(example.answers)
-                record.update(score_record(record, example.answers))
+                written = evaluator.as_written(example.answers)
+                record.update(score_record(record, example.answers, written))
                 record.pop("texts", None)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()

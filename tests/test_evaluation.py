@@ -6,7 +6,16 @@ import jax
 import numpy as np
 import pytest
 
-from rag_jax.evaluation import exact_match, has_answer, normalize_answer, score_record, token_f1
+from rag_jax.evaluation import (
+    Evaluator,
+    exact_match,
+    has_answer,
+    normalize_answer,
+    score_record,
+    token_f1,
+)
+from rag_jax.models import load_bert_tokenizer
+from tests.toy import MINILM_DIR
 
 
 @pytest.mark.parametrize(
@@ -48,6 +57,25 @@ def test_has_answer_and_recall():
     scores = score_record(record, ["Paris"])
     assert scores == {"em": 1.0, "f1": 1.0, "recall@1": 0.0, "recall@5": 1.0,
                       "recall@10": 1.0, "recall@20": 1.0}  # fmt: skip
+
+
+def test_answers_as_an_uncased_wordpiece_generator_writes_them():
+    tokenizer = load_bert_tokenizer(MINILM_DIR)
+    gold = ["Kinkaku-ji", "Kirchhoff's circuit laws", "Galicia\u2013Volhynia"]
+    # What the generator outputs when it copies each title token by token.
+    predictions = [
+        tokenizer.decode(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in gold
+    ]
+    assert predictions[0] == "kinkaku - ji"
+    evaluator = Evaluator.__new__(Evaluator)  # as_written reads only the tokenizer
+    evaluator.generator_tokenizer = tokenizer
+    written = evaluator.as_written(gold)
+    for prediction, answer, as_written in zip(predictions, gold, written, strict=True):
+        assert exact_match(prediction, [answer]) == 0.0  # SQuAD's form alone: marked wrong
+        scores = score_record({"prediction": prediction}, [answer], [as_written])
+        assert scores == {"em": 1.0, "f1": 1.0}
+    # Another title is still wrong, and recall still uses the gold answers as given.
+    assert score_record({"prediction": "kinkaku"}, gold[:1], written[:1])["em"] == 0.0
 
 
 def test_eval_end_to_end_resumes_and_refuses_a_bad_index(tmp_path, capsys):

@@ -55,6 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.question_encoder = "checkpoints/dpr-question_encoder-single-nq-base"
     config.model.generator = "checkpoints/bart-large"  # the generator: pre-trained BART-large
     config.model.generator_tokenizer = ""  # empty: the generator's own (BART's BPE)
+    config.model.generator_warm_start = ""  # unused: the generator is loaded, not built
     config.model.bf16 = True  # bf16 compute (parameters and optimizer stay float32)
     config.model.remat = False  # recompute each layer in the backward pass
     # BartConfig fields of a generator trained from scratch: unused, the generator is loaded.

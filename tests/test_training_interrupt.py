@@ -22,11 +22,14 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from rag_jax.training import train
-from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fixture)
+from tests.test_training import DECAY_STEPS, read_metrics, tiny_config, toy  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3  # checkpoints at 3, 6, 9, 12 (two kept)
-OVERRIDES = {"train_steps": STEPS, "checkpoint.every": EVERY, "log_every": 1, "rag.n_docs": 4}
+OVERRIDES = {
+    "train_steps": STEPS, "checkpoint.every": EVERY, "log_every": 1, "rag.n_docs": 4,
+    "optimizer.decay_steps": DECAY_STEPS,  # train.py as tiny_config
+}  # fmt: skip
 
 
 def command(toy, workdir: Path) -> list[str]:  # noqa: F811

@@ -60,13 +60,16 @@ def toy_world(tmp_path_factory):
 # the rest by number of tests, lets both workers finish together.
 SLOW_FILES = [
     "test_training.py",
-    "test_evaluation.py",
-    "test_demo.py",
-    "test_training_interrupt.py",
     "test_training_distributed.py",
+    "test_evaluation.py",
+    "test_training_interrupt.py",
+    "test_demo.py",
     "test_training_device_retrieval.py",
     "test_rag.py",
     "test_training_benchmarks.py",
+    "test_training_bf16.py",
+    "test_training_inputs.py",
+    "test_training_prefetch.py",
 ]
 
 

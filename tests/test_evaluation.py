@@ -92,7 +92,10 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
 
     root = Path(__file__).resolve().parents[1]
     toy = toy_world  # read only: the renamed index below goes to tmp_path
-    config = tiny_config(toy, **{"rag.n_docs": len(FACTS), "train_steps": 4})
+    # The schedule of test_training's 40-step run of the same model: the same compiled step.
+    config = tiny_config(
+        toy, **{"rag.n_docs": len(FACTS), "train_steps": 4, "optimizer.decay_steps": 40}
+    )
     train(config, str(tmp_path / "run"))
     overrides = [
         f"--config.model.question_encoder={toy / 'encoder'}",

@@ -77,6 +77,7 @@ def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_
         for key, value in {
             **STEPS, **SHARDED, "model.question_encoder": config.model.question_encoder,
             "data.index": config.data.index, "data.train": config.data.train,
+            "optimizer.decay_steps": config.optimizer.decay_steps,  # as tiny_config's
         }.items()
     ]  # fmt: skip
     env = {

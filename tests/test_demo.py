@@ -51,8 +51,9 @@ def test_demo_learns_and_rag_beats_closed_book_on_unseen_entities(demo):
         for path in (demo / "runs").glob("warmup-*/metrics.jsonl")
         for line in path.read_text().splitlines()
     ]
-    assert warmup[-1] < 0.5 * warmup[0]  # the generator learned to name a passage's entity
-    assert losses("rag_sequence")[-1] < losses("rag_sequence")[0]
+    assert warmup[-1] < 0.1 * warmup[0]  # the generator learned to name a passage's entity
+    # On the training questions too, reading retrieved passages beats the question alone.
+    assert losses("rag_sequence")[-1] < 0.5 * losses("closed_book")[-1]
     # Only a model that retrieves can name entities it never saw as targets.
     assert results["rag_sequence"]["em"] > results["closed_book"]["em"]
     assert results["rag_sequence"]["em"] >= 0.4

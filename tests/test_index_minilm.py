@@ -228,6 +228,7 @@ def test_cli_tune_of_a_partitioned_index(tmp_path):
         vocab_size=30522, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=64, max_position_embeddings=64, initializer_range=0.5,
     )  # fmt: skip
+    transformers.set_seed(0)  # the same random encoder every run (torch's global RNG)
     transformers.BertModel(config).save_pretrained(encoder_dir)
     # MiniLM's tokenizer and its pooling (mean, then L2 normalisation): a random BERT's CLS
     # vector is the same for every input.

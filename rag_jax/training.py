@@ -170,11 +170,13 @@ def _make_optimizer(settings: str, train_steps: int):
     tx = optax.chain(
         optax.clip_by_global_norm(opt.max_grad_norm),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
-        # A pretrained query encoder wants a smaller step than a generator trained afresh.
+        # Each module its own fraction of the schedule: a pretrained query encoder may want a
+        # smaller step than a generator trained afresh, or a generator that already reads well
+        # a smaller step than the retriever (0 freezes a module).
         optax.multi_transform(
             {
                 "query_encoder": optax.scale(opt.get("query_encoder_lr_factor", 1.0)),
-                "generator": optax.identity(),
+                "generator": optax.scale(opt.get("generator_lr_factor", 1.0)),
             },
             _module_labels,
         ),

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import signal
 import time
 from collections import deque
@@ -118,10 +119,22 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
     )
 
 
-def _module_labels(params):
-    """Labels each parameter "query_encoder" or "generator", by its top-level module."""
+def parameter_path(path) -> str:
+    """A parameter's path as "/"-joined keys, e.g. "generator/shared/embedding"."""
+    names = [getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))) for key in path]
+    if names and names[-1] == "value":  # the nnx.Variable's own field, not part of the name
+        names = names[:-1]
+    return "/".join(str(name) for name in names)
+
+
+def _module_labels(params, freeze: str = ""):
+    """Labels each parameter "query_encoder" or "generator" by its top-level module, or
+    "frozen" where its :func:`parameter_path` matches the regular expression ``freeze``."""
+    pattern = re.compile(freeze) if freeze else None
 
     def label(path, _):
+        if pattern is not None and pattern.search(parameter_path(path)):
+            return "frozen"
         return "query_encoder" if getattr(path[0], "key", None) == "query_encoder" else "generator"
 
     return jax.tree_util.tree_map_with_path(label, params)
@@ -132,7 +145,9 @@ def make_optimizer(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """``(tx, schedule)``: AdamW with linear warmup and linear decay, global-norm clipping,
     optional gradient accumulation, and non-finite updates skipped (and counted in the
-    optimizer state).
+    optimizer state). Parameters whose path matches ``config.optimizer.freeze`` (a regular
+    expression, e.g. ``"^generator/shared/"``) never change: their gradients are dropped
+    before clipping and their updates (weight decay included) are zero.
 
     Equal settings give the same objects: ``nnx.Optimizer`` keeps ``tx`` in its graph
     definition, the train step's cache key, so a new (equal but not identical) chain would make
@@ -145,6 +160,13 @@ def make_optimizer(
 @functools.lru_cache(maxsize=16)
 def _make_optimizer(settings: str, train_steps: int):
     opt = ml_collections.ConfigDict(json.loads(settings))
+    freeze = opt.get("freeze", "")
+    try:
+        re.compile(freeze)
+    except re.error as error:
+        message = f"optimizer.freeze={freeze!r} is not a regular expression: {error}"
+        raise ValueError(message) from None
+    labels = functools.partial(_module_labels, freeze=freeze)
     total_steps = opt.decay_steps or train_steps
     schedule = (
         optax.warmup_cosine_decay_schedule(
@@ -167,7 +189,13 @@ def _make_optimizer(settings: str, train_steps: int):
             [max(opt.warmup_steps, 1)],
         )
     )
+    drop_frozen = optax.multi_transform(
+        {"frozen": optax.set_to_zero(), "query_encoder": optax.identity(),
+         "generator": optax.identity()},
+        labels,
+    )  # fmt: skip
     tx = optax.chain(
+        drop_frozen,  # frozen parameters' gradients count in no norm and no moment
         optax.clip_by_global_norm(opt.max_grad_norm),
         optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
         # Each module its own fraction of the schedule: a pretrained query encoder may want a
@@ -177,8 +205,9 @@ def _make_optimizer(settings: str, train_steps: int):
             {
                 "query_encoder": optax.scale(opt.get("query_encoder_lr_factor", 1.0)),
                 "generator": optax.scale(opt.get("generator_lr_factor", 1.0)),
+                "frozen": optax.set_to_zero(),  # AdamW's weight decay would move them
             },
-            _module_labels,
+            labels,
         ),
     )
     tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_consecutive_nonfinite)

@@ -37,3 +37,46 @@ def test_module_step_is_scaled(module, factor):
     assert np.all(other < 0)  # a full step against the gradient
     # atol: one float32 ulp of a weight near 1 (the step is read back as after - before)
     np.testing.assert_allclose(steps[module], factor * other, rtol=1e-5, atol=2e-7)
+
+
+def test_frozen_parameters_never_change_and_count_in_no_norm():
+    """``optimizer.freeze``: the matching parameters keep their values (AdamW's weight decay
+    included), and their gradients do not shrink the others' step through the global norm."""
+
+    def steps(freeze: str, generator_grad: float) -> dict:
+        config = tiny.get_config()
+        config.optimizer.freeze = freeze
+        config.optimizer.warmup_steps = 0
+        config.optimizer.weight_decay = 0.1
+        config.optimizer.max_grad_norm = 1.0
+        model = TwoParts()
+        before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+        optimizer = nnx.Optimizer(model, make_optimizer(config)[0], wrt=nnx.Param)
+        grads = jax.tree_util.tree_map_with_path(
+            lambda path, x: jnp.full_like(x, generator_grad if "generator" in str(path) else 1.0),
+            nnx.state(model, nnx.Param),
+        )
+        for _ in range(3):
+            optimizer.update(model, grads)
+        return {
+            name: np.asarray(getattr(model, name).kernel[...]) - before[name]["kernel"]
+            for name in ("query_encoder", "generator")
+        }
+
+    frozen = steps("^generator/", generator_grad=1e6)
+    assert np.all(frozen["generator"] == 0)
+    assert np.all(frozen["query_encoder"] < 0)
+    # The query encoder moves as if the generator's (huge) gradients were not there at all.
+    alone = steps("^generator/", generator_grad=0.0)
+    np.testing.assert_array_equal(frozen["query_encoder"], alone["query_encoder"])
+    # Without freezing, the same huge gradients scale the query encoder's gradient down 1e6-fold
+    # in the global-norm clip; Adam's step is scale-free but for its epsilon, so it shows there.
+    unfrozen = steps("", generator_grad=1e6)
+    assert not np.allclose(unfrozen["query_encoder"], alone["query_encoder"], rtol=1e-3)
+
+
+def test_freeze_must_be_a_regular_expression():
+    config = tiny.get_config()
+    config.optimizer.freeze = "generator/(shared"
+    with pytest.raises(ValueError, match=r"optimizer\.freeze"):
+        make_optimizer(config)

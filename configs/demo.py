@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = tiny.get_config()
     config.seed = 0  # data order (the generator comes from the warm-up)
     config.batch_size = 16  # questions per optimizer step
-    config.train_steps = 150  # optimizer steps (2,400 of the 8,245 training questions)
+    config.train_steps = 100  # optimizer steps (1,600 of the 8,245 training questions)
     config.log_every = 10  # steps between metric lines
     config.progress = True  # a tqdm bar with rate and ETA
 
@@ -51,11 +51,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.train = "runs/demo/data/train.jsonl"  # description -> title pairs
     config.data.index = "runs/demo/index"  # MiniLM index of the 10,033 passages
 
-    # The paper's learning rate for both modules. The generator already copies titles (the
-    # warm-up); a faster one learns the training titles as a closed-book prior and then
-    # prefers them over the unseen title of the passage it reads.
+    # The paper's learning rate for BERT_q; the generator, which already copies titles (the
+    # warm-up), at a tenth of it: faster, it learns the training titles as a closed-book prior
+    # and then prefers them over the unseen title of the passage it reads.
     config.optimizer.learning_rate = 3e-5  # peak learning rate
-    config.optimizer.query_encoder_lr_factor = 1.0  # BERT_q at the same rate
+    config.optimizer.query_encoder_lr_factor = 1.0  # BERT_q at 3e-5
+    config.optimizer.generator_lr_factor = 0.1  # the generator at 3e-6
+    config.optimizer.freeze = "^generator/shared/"  # MiniLM's token embeddings, as in the warm-up
     config.optimizer.warmup_steps = 10  # linear warmup from 0
     config.optimizer.end_lr_factor = 0.1  # final learning rate / peak
 

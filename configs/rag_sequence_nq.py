@@ -106,9 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.decay_steps = 0  # steps of the decay's whole schedule; 0: train_steps
     config.optimizer.query_encoder_lr_factor = 1.0  # BERT_q's learning rate / the peak
     config.optimizer.generator_lr_factor = 1.0  # the generator's learning rate / the peak
-    config.optimizer.freeze = (
-        ""  # regex over parameter paths never updated, e.g. "^generator/shared/"
-    )
+    config.optimizer.freeze = ""  # regex: parameter paths never updated ("^generator/shared/")
     config.optimizer.b1 = 0.9  # Adam beta1
     config.optimizer.b2 = 0.999  # Adam beta2
     config.optimizer.weight_decay = 0.001  # AdamW decoupled weight decay (finetune_rag)

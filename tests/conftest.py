@@ -66,6 +66,7 @@ SLOW_FILES = [
     "test_training_interrupt.py",
     "test_demo.py",
     "test_training_device_retrieval.py",
+    "test_training_retrieval.py",
     "test_rag.py",
     "test_training_benchmarks.py",
     "test_training_bf16.py",

@@ -17,7 +17,7 @@ from configs import demo
 def get_config() -> ml_collections.ConfigDict:
     config = demo.get_config()
     config.batch_size = 32  # passages per optimizer step
-    config.train_steps = 400  # optimizer steps (about 1.4 passes over the passages)
+    config.train_steps = 500  # optimizer steps (about 1.7 passes over the passages)
     config.rag.marginalization = "closed_book"  # the generator alone reads the passage
     config.rag.max_context_length = 24  # S: the title and the first words are enough to copy
     config.model.generator = ""  # built from generator_init (demo.py) ...

@@ -120,20 +120,17 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
 
 
 def parameter_path(path) -> str:
-    """A parameter's path as "/"-joined keys, e.g. "generator/shared/embedding"."""
-    names = [getattr(key, "key", getattr(key, "idx", getattr(key, "name", key))) for key in path]
-    if names and names[-1] == "value":  # the nnx.Variable's own field, not part of the name
-        names = names[:-1]
-    return "/".join(str(name) for name in names)
+    """A parameter's pytree path as "/"-joined keys, e.g. "generator/shared/embedding"."""
+    path_string = jax.tree_util.keystr(path, simple=True, separator="/")
+    return path_string.removesuffix("/value")  # the nnx.Variable's own field, not its name
 
 
-def _module_labels(params, freeze: str = ""):
+def _module_labels(params, freeze: re.Pattern | None = None):
     """Labels each parameter "query_encoder" or "generator" by its top-level module, or
-    "frozen" where its :func:`parameter_path` matches the regular expression ``freeze``."""
-    pattern = re.compile(freeze) if freeze else None
+    "frozen" where its :func:`parameter_path` matches the compiled expression ``freeze``."""
 
     def label(path, _):
-        if pattern is not None and pattern.search(parameter_path(path)):
+        if freeze is not None and freeze.search(parameter_path(path)):
             return "frozen"
         return "query_encoder" if getattr(path[0], "key", None) == "query_encoder" else "generator"
 
@@ -162,11 +159,11 @@ def _make_optimizer(settings: str, train_steps: int):
     opt = ml_collections.ConfigDict(json.loads(settings))
     freeze = opt.get("freeze", "")
     try:
-        re.compile(freeze)
+        pattern = re.compile(freeze) if freeze else None
     except re.error as error:
         message = f"optimizer.freeze={freeze!r} is not a regular expression: {error}"
         raise ValueError(message) from None
-    labels = functools.partial(_module_labels, freeze=freeze)
+    labels = functools.partial(_module_labels, freeze=pattern)
     total_steps = opt.decay_steps or train_steps
     schedule = (
         optax.warmup_cosine_decay_schedule(

@@ -1,7 +1,7 @@
 """Evaluates a trained RAG model on a QA file.
 
 ``python eval.py --config configs/X.py --workdir DIR --data qa.jsonl [--index DIR]
-[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only]``
+[--decode token|thorough|fast] [--beams N] [--n_docs K] [--retrieval_only]``
 
 Writes ``predictions.jsonl`` and ``metrics.json`` to ``--out`` (default
 ``DIR/eval/<data file name>``); re-running resumes after the last question written.

@@ -1,7 +1,8 @@
 """Evaluates a trained RAG model on a QA file.
 
 ``python eval.py --config configs/X.py --workdir DIR --data qa.jsonl [--index DIR]
-[--decode token|thorough|fast] [--beams N] [--n_docs K] [--retrieval_only]``
+[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only]``
+(``--n_docs`` and ``--retrieval_only`` work too)
 
 Writes ``predictions.jsonl`` and ``metrics.json`` to ``--out`` (default
 ``DIR/eval/<data file name>``); re-running resumes after the last question written.
@@ -30,6 +31,9 @@ flags.DEFINE_integer("max_length", 20, "Maximum generated tokens, start token in
 flags.DEFINE_integer("batch_size", 8, "Questions per batch.")
 flags.DEFINE_bool("retrieval_only", False, "Only retrieve and score recall@k.")
 flags.DEFINE_string("out", None, "Output directory.")
+# The spellings of rag_jax.ask and of the issue's usage line, beside absl's underscores.
+flags.DEFINE_alias("n-docs", "n_docs")
+flags.DEFINE_alias("retrieval-only", "retrieval_only")
 flags.mark_flags_as_required(["config", "workdir", "data"])
 
 

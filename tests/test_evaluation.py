@@ -1,6 +1,9 @@
 """Answer normalisation and metrics with hand-derived values; eval end to end on a toy run."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -181,3 +184,21 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
     swap = [*args, "--out", str(tmp_path / "e2"), "--retrieval_only", "--index", "nowhere"]
     done = subprocess.run(swap, capture_output=True, text=True)
     assert done.returncode != 0 and "error:" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    "argv", [["--n-docs=2", "--retrieval-only"], ["--n_docs=2", "--retrieval_only"]]
+)
+def test_eval_cli_takes_both_flag_spellings(argv):
+    """eval.py's flags as its usage line and rag_jax.ask spell them, and as absl does."""
+    code = (
+        "import sys, eval; from absl import flags; flags.FLAGS(['eval.py', *sys.argv[1:]]); "
+        "print(flags.FLAGS.n_docs, flags.FLAGS.retrieval_only)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    required = ["--config=configs/tiny.py", "--workdir=unused", "--data=unused"]
+    done = subprocess.run(
+        [sys.executable, "-c", code, *required, *argv],
+        cwd=root, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["2", "True"]

@@ -137,6 +137,38 @@ def _module_labels(params, freeze: re.Pattern | None = None):
     return jax.tree_util.tree_map_with_path(label, params)
 
 
+@dataclasses.dataclass(frozen=True)
+class _PathMatches:
+    """An NNX filter: the variables whose :func:`parameter_path` ``pattern`` finds."""
+
+    pattern: re.Pattern
+
+    def __call__(self, path, value) -> bool:
+        return self.pattern.search("/".join(map(str, path))) is not None
+
+
+def _freeze_pattern(config: ml_collections.ConfigDict) -> re.Pattern | None:
+    freeze = config.optimizer.get("freeze", "")
+    try:
+        return re.compile(freeze) if freeze else None
+    except re.error as error:
+        message = f"optimizer.freeze={freeze!r} is not a regular expression: {error}"
+        raise ValueError(message) from None
+
+
+def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+    """The parameters training changes: every ``nnx.Param`` but those whose path matches
+    ``config.optimizer.freeze``. The train step differentiates only these and the optimizer
+    keeps moments only for them, so a frozen embedding table costs no weight gradient and no
+    Adam state.
+
+    Raises:
+      ValueError: ``optimizer.freeze`` is not a regular expression.
+    """
+    pattern = _freeze_pattern(config)
+    return nnx.Param if pattern is None else nnx.All(nnx.Param, nnx.Not(_PathMatches(pattern)))
+
+
 def make_optimizer(
     config: ml_collections.ConfigDict,
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -144,7 +176,8 @@ def make_optimizer(
     optional gradient accumulation, and non-finite updates skipped (and counted in the
     optimizer state). Parameters whose path matches ``config.optimizer.freeze`` (a regular
     expression, e.g. ``"^generator/shared/"``) never change: their gradients are dropped
-    before clipping and their updates (weight decay included) are zero.
+    before clipping and their updates (weight decay included) are zero. Train with
+    ``nnx.Optimizer(model, tx, wrt=trainable(config))``: they then have no moments either.
 
     Equal settings give the same objects: ``nnx.Optimizer`` keeps ``tx`` in its graph
     definition, the train step's cache key, so a new (equal but not identical) chain would make
@@ -157,12 +190,7 @@ def make_optimizer(
 @functools.lru_cache(maxsize=16)
 def _make_optimizer(settings: str, train_steps: int):
     opt = ml_collections.ConfigDict(json.loads(settings))
-    freeze = opt.get("freeze", "")
-    try:
-        pattern = re.compile(freeze) if freeze else None
-    except re.error as error:
-        message = f"optimizer.freeze={freeze!r} is not a regular expression: {error}"
-        raise ValueError(message) from None
+    pattern = _freeze_pattern(ml_collections.ConfigDict({"optimizer": opt}))
     labels = functools.partial(_module_labels, freeze=pattern)
     total_steps = opt.decay_steps or train_steps
     schedule = (
@@ -239,9 +267,9 @@ def loss_fn(model: RagModel, batch: RagBatch):
 
 def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
     """One optimizer step; returns the step's measurements (device scalars)."""
-    (loss, (nll, doc_scores, counted)), grads = nnx.value_and_grad(loss_fn, has_aux=True)(
-        model, batch
-    )
+    # Only what the optimizer trains is differentiated (frozen parameters get no gradient).
+    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
+    (loss, (nll, doc_scores, counted)), grads = grad_fn(model, batch)
     optimizer.update(model, grads)
     n_tokens = jnp.sum(batch.target_mask * counted[:, None])
     return {
@@ -541,10 +569,10 @@ def _put(x, sharding: NamedSharding) -> jax.Array:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
 
-def _place_on_mesh(model: RagModel, tx, mesh, config) -> nnx.Optimizer:
+def _place_on_mesh(model: RagModel, tx, mesh, config, wrt=None) -> nnx.Optimizer:
     """Moves the model onto ``mesh`` (FSDP-sharded or replicated, as configured) and creates
-    the optimizer there: its moments follow the parameters' shardings, its counters are
-    replicated."""
+    the optimizer there, for the :func:`trainable` parameters (or ``wrt``): its moments follow
+    the parameters' shardings, its counters are replicated."""
     rules = partitioning.LOGICAL_RULES
     if not config.mesh.fsdp_params:
         rules = tuple((name, None) for name, _ in rules)
@@ -552,7 +580,7 @@ def _place_on_mesh(model: RagModel, tx, mesh, config) -> nnx.Optimizer:
     shardings = partitioning.param_shardings(state, mesh, rules)
     nnx.update(model, jax.tree.map(_put, state, shardings))
     with jax.set_mesh(mesh):
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, tx, wrt=trainable(config) if wrt is None else wrt)
     replicated = NamedSharding(mesh, PartitionSpec())
 
     def on_mesh(x):

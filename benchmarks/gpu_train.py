@@ -102,23 +102,16 @@ def build(args, shapes: dict):
     from flax import nnx
 
     from configs import tiny
-    from rag_jax.models import Bart, BartConfig, BertConfig, BertEncoder
+    from rag_jax.models import Bart, BartConfig, BertConfig, BertEncoder, partitioning
     from rag_jax.rag import RagConfig, RagModel
-    from rag_jax.training import _place_on_mesh, make_mesh, make_optimizer
+    from rag_jax.training import _place_on_mesh, make_mesh, make_optimizer, param_rules
 
     dtype = jnp.float32 if args.float32 else jnp.bfloat16
     bert, bart = (TINY_BERT, TINY_BART) if args.tiny else (BERT_BASE, BART_LARGE)
-    rngs = nnx.Rngs(0)
-    query_encoder = BertEncoder(
-        BertConfig(**bert), pooling="cls", dtype=dtype, remat=args.remat, rngs=rngs
-    )
-    generator = Bart(BartConfig(**bart), dtype=dtype, remat=args.remat, rngs=rngs)
-    generator.train()  # dropout on, as in fine-tuning
     rag = RagConfig(
         n_docs=shapes["K"], max_question_length=shapes["L"], max_context_length=shapes["S"],
         max_target_length=shapes["T"],
     )  # fmt: skip
-    model = RagModel(query_encoder, generator, rag)
     config = tiny.get_config()  # the training loop's optimizer, with the paper's settings
     config.batch_size, config.mesh.fsdp_params = shapes["B"], args.fsdp
     # every device: on the fsdp axis when parameters are sharded, else on the data axis
@@ -126,6 +119,18 @@ def build(args, shapes: dict):
     config.optimizer.update(learning_rate=3e-5, warmup_steps=0, max_grad_norm=1.0)
     config.train_steps = 10**6
     mesh = make_mesh(config)
+
+    def make() -> RagModel:
+        rngs = nnx.Rngs(0)
+        query_encoder = BertEncoder(
+            BertConfig(**bert), pooling="cls", dtype=dtype, remat=args.remat, rngs=rngs
+        )
+        generator = Bart(BartConfig(**bart), dtype=dtype, remat=args.remat, rngs=rngs)
+        generator.train()  # dropout on, as in fine-tuning
+        return RagModel(query_encoder, generator, rag)
+
+    # initialised straight into its shards: BART-large is never whole on one device
+    model = partitioning.create_sharded(make, mesh, param_rules(config))
     tx, _ = make_optimizer(config)
     return model, _place_on_mesh(model, tx, mesh, config), mesh
 

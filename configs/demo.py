@@ -45,7 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.rag.doc_score_scale = 20.0  # MiniLM's vectors are unit length: cosine x 20
     config.rag.marginalization = "sequence"  # "sequence", "token" or "closed_book"
     config.rag.max_question_length = 24  # L: descriptions are short (99% <= 18 tokens)
-    config.rag.max_context_length = 48  # S: title, the start of the passage, the question
+    config.rag.max_context_length = 32  # S: title, the start of the passage, the question
     config.rag.max_target_length = 8  # T: a title and [SEP] (99.5% of titles fit)
 
     config.data.train = "runs/demo/data/train.jsonl"  # description -> title pairs

@@ -3,8 +3,9 @@
 ``train.py`` is a thin wrapper around :func:`train`. One jitted train step
 (``nnx.value_and_grad`` -> optax update -> metrics) over a ``(data, fsdp)`` mesh; retrieval on
 the host before each step (the question embedded with the current query encoder, no
-gradient); the document encoder and the index are never touched. orbax saves the model, the
-optimizer, the step and the data position, so a run resumes where it stopped.
+gradient); the document encoder and the index are never touched. Parameters are created or
+loaded directly into their shardings on the mesh. orbax saves the model, the optimizer, the
+step and the data position, so a run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -59,18 +60,36 @@ def rag_config(config: ml_collections.ConfigDict) -> RagConfig:
     return RagConfig(**config.rag.to_dict())
 
 
-def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
+def param_rules(config: ml_collections.ConfigDict) -> partitioning.Rules:
+    """Logical axes -> mesh axes for the parameters: FSDP-sharded if ``mesh.fsdp_params``,
+    else whole on every device."""
+    rules = partitioning.LOGICAL_RULES
+    return rules if config.mesh.fsdp_params else partitioning.replicated_rules(rules)
+
+
+def build_model(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> tuple[RagModel, Any, Any]:
     """``(model, question_tokenizer, generator_tokenizer)`` from ``config.model``.
 
     The query encoder loads from ``model.question_encoder``; the generator either loads from
     ``model.generator`` or, when that is empty, is initialised from ``model.generator_init``
     (a BartConfig's fields) on the generator tokenizer's vocabulary and special tokens:
     randomly, or from the BERT in ``model.generator_warm_start`` (``models.bart_from_bert``).
+
+    With a ``mesh``, every parameter is loaded or initialised directly into its shards
+    (:func:`param_rules`): the modules are built abstractly first, so no parameter is ever
+    whole on one device or, with several processes, on one host. None: the default device.
     """
     model_config = config.model
     dtype = jnp.bfloat16 if model_config.bf16 else jnp.float32
+    rules = param_rules(config)
     query_encoder = load_bert_encoder(
-        model_config.question_encoder, dtype=dtype, remat=model_config.remat
+        model_config.question_encoder,
+        dtype=dtype,
+        remat=model_config.remat,
+        mesh=mesh,
+        rules=rules,
     )
     question_tokenizer = load_bert_tokenizer(model_config.question_encoder)
     generator_tokenizer_dir = (
@@ -78,7 +97,9 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
     )
     generator_tokenizer = load_bert_tokenizer(generator_tokenizer_dir)
     if model_config.generator:
-        generator = load_bart(model_config.generator, dtype=dtype, remat=model_config.remat)
+        generator = load_bart(
+            model_config.generator, dtype=dtype, remat=model_config.remat, mesh=mesh, rules=rules
+        )
     else:
         tok = generator_tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
@@ -93,14 +114,25 @@ def build_model(config: ml_collections.ConfigDict) -> tuple[RagModel, Any, Any]:
             forced_eos_token_id=None,
             **model_config.generator_init.to_dict(),
         )
-        rngs = nnx.Rngs(config.seed)
         if model_config.generator_warm_start:
+            # The BERT is only the source of the copies: each process loads its own.
             bert = load_bert_encoder(model_config.generator_warm_start).bert
             generator = bart_from_bert(
-                bert, bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs
+                bert,
+                bart_config,
+                dtype=dtype,
+                remat=model_config.remat,
+                rngs=nnx.Rngs(config.seed),
+                mesh=mesh,
+                rules=rules,
             )
         else:
-            generator = Bart(bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs)
+
+            def make() -> Bart:
+                rngs = nnx.Rngs(config.seed)
+                return Bart(bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs)
+
+            generator = make() if mesh is None else partitioning.create_sharded(make, mesh, rules)
     # Ids >= vocab_size would read NaN embeddings: refuse such a tokenizer here.
     check_tokenizer_vocab(
         question_tokenizer,
@@ -158,14 +190,17 @@ def _freeze_pattern(config: ml_collections.ConfigDict) -> re.Pattern | None:
 
 def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
     """The parameters training changes: every ``nnx.Param`` but those whose path matches
-    ``config.optimizer.freeze``. The train step differentiates only these and the optimizer
-    keeps moments only for them, so a frozen embedding table costs no weight gradient and no
-    Adam state.
+    ``config.optimizer.freeze``, and but the query encoder of a closed-book model (which never
+    reads it). The train step differentiates only these and the optimizer keeps moments only
+    for them, so a frozen embedding table costs no weight gradient and no Adam state.
 
     Raises:
       ValueError: ``optimizer.freeze`` is not a regular expression.
     """
     pattern = _freeze_pattern(config)
+    if config.rag.marginalization == "closed_book":
+        either = f"(?:{pattern.pattern})|" if pattern is not None else ""
+        pattern = re.compile(either + "^query_encoder/")
     return nnx.Param if pattern is None else nnx.All(nnx.Param, nnx.Not(_PathMatches(pattern)))
 
 
@@ -555,30 +590,14 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
     )
 
 
-def _put(x, sharding: NamedSharding) -> jax.Array:
-    """One value, equal on every process, onto ``sharding``. ``jax.device_put`` only reaches
-    this process's devices, so with several processes each builds its own shards."""
-    if isinstance(x, jax.Array) and x.sharding == sharding:
-        return x
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # RNG keys: their raw data
-        impl = jax.random.key_impl(x)
-        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=impl)
-    value = np.asarray(x)
-    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-
-
 def _place_on_mesh(model: RagModel, tx, mesh, config, wrt=None) -> nnx.Optimizer:
-    """Moves the model onto ``mesh`` (FSDP-sharded or replicated, as configured) and creates
-    the optimizer there, for the :func:`trainable` parameters (or ``wrt``): its moments follow
-    the parameters' shardings, its counters are replicated."""
-    rules = partitioning.LOGICAL_RULES
-    if not config.mesh.fsdp_params:
-        rules = tuple((name, None) for name, _ in rules)
+    """Moves the model onto ``mesh`` (FSDP-sharded or replicated, :func:`param_rules`) where it
+    is not there already (``build_model(config, mesh)`` puts it there), and creates the
+    optimizer there, for the :func:`trainable` parameters (or ``wrt``): its moments follow the
+    parameters' shardings, its counters are replicated."""
     state = nnx.state(model)
-    shardings = partitioning.param_shardings(state, mesh, rules)
-    nnx.update(model, jax.tree.map(_put, state, shardings))
+    shardings = partitioning.param_shardings(state, mesh, param_rules(config))
+    nnx.update(model, jax.tree.map(partitioning.put, state, shardings))
     with jax.set_mesh(mesh):
         optimizer = nnx.Optimizer(model, tx, wrt=trainable(config) if wrt is None else wrt)
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -587,7 +606,7 @@ def _place_on_mesh(model: RagModel, tx, mesh, config, wrt=None) -> nnx.Optimizer
         sharding = getattr(x, "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh == mesh:
             return x
-        return _put(x, replicated)  # counters created on the default device
+        return partitioning.put(x, replicated)  # counters created on the default device
 
     nnx.update(optimizer, jax.tree.map(on_mesh, nnx.state(optimizer)))
     return optimizer
@@ -789,7 +808,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
         log.warning("skipped %d bad lines of %s", n_bad, config.data.train)
 
     mesh = make_mesh(config)
-    model, question_tokenizer, generator_tokenizer = build_model(config)
+    model, question_tokenizer, generator_tokenizer = build_model(config, mesh)
     on_device = _retrieval_mode(config, model) == "device"
     knowledge = open_knowledge(config, model, mesh=mesh if on_device else None)
     builder = BatchBuilder(
@@ -934,6 +953,7 @@ def _train_state(model: RagModel, optimizer: nnx.Optimizer, snapshot=None) -> nn
     return nnx.State(
         {
             "params": nnx.state(model, nnx.Param),
+            "model_rngs": nnx.state(model, nnx.Not(nnx.Param)),  # dropout's RNG streams
             "optimizer": nnx.state(optimizer),
             "retrieval_query_encoder": snapshot,
         }
@@ -983,21 +1003,64 @@ def _restore(
     return step, DataPosition(**restored["position"]), state["retrieval_query_encoder"]
 
 
+def _abstract_model(config: ml_collections.ConfigDict, mesh) -> RagModel:
+    """The model :func:`build_model` builds, every variable a ``jax.ShapeDtypeStruct`` with its
+    sharding on ``mesh``: a target to restore a checkpoint into. The pretrained checkpoints are
+    read for their shapes only, and no warm start is done (the checkpoint holds every weight)."""
+    config = copy.deepcopy(config)
+    config.model.generator_warm_start = ""
+    model = nnx.eval_shape(lambda: build_model(config)[0])
+    state = nnx.state(model)
+    shardings = partitioning.param_shardings(state, mesh, param_rules(config))
+    nnx.update(
+        model,
+        jax.tree.map(
+            lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+            state,
+            shardings,
+        ),
+    )
+    return model
+
+
 def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
     """``(model, question_tokenizer, generator_tokenizer)`` restored from ``workdir``'s
     checkpoint (the latest, or ``step``), for evaluation and decoding.
 
+    The model is built abstractly and its variables are read straight into their shardings on
+    ``make_mesh(config)``; the optimizer state in the checkpoint is not read.
+
     Raises:
       FileNotFoundError: ``workdir`` holds no checkpoint.
     """
-    model, question_tokenizer, generator_tokenizer = build_model(config)
-    tx, _ = make_optimizer(config)
-    optimizer = _place_on_mesh(model, tx, make_mesh(config), config)
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} holds no checkpoint (no {directory})")
+    model = _abstract_model(config, make_mesh(config))
+    question_tokenizer = load_bert_tokenizer(config.model.question_encoder)
+    generator_tokenizer = load_bert_tokenizer(
+        config.model.generator_tokenizer or config.model.generator or config.model.question_encoder
+    )
+    target = {
+        "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+        "model_rngs": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))),
+    }
     with ocp.CheckpointManager(directory) as manager:
-        if manager.latest_step() is None:
+        step = manager.latest_step() if step is None else step
+        if step is None:
             raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-        _restore(manager, model, optimizer, step)
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True,  # the parameters, not the optimizer's moments
+                )
+            ),
+        )["state"]
+    for part, variables in (("params", nnx.Param), ("model_rngs", nnx.Not(nnx.Param))):
+        state = nnx.state(model, variables)
+        nnx.replace_by_pure_dict(state, restored[part])
+        nnx.update(model, state)
     return model, question_tokenizer, generator_tokenizer

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from rag_jax.training import make_optimizer
+from rag_jax.training import make_optimizer, trainable
 
 
 class TwoParts(nnx.Module):
@@ -80,3 +80,20 @@ def test_freeze_must_be_a_regular_expression():
     config.optimizer.freeze = "generator/(shared"
     with pytest.raises(ValueError, match=r"optimizer\.freeze"):
         make_optimizer(config)
+
+
+@pytest.mark.parametrize("marginalization", ["sequence", "closed_book"])
+@pytest.mark.parametrize("freeze", ["", "^generator/"])
+def test_trainable_leaves_out_frozen_parameters_and_a_closed_book_query_encoder(
+    marginalization, freeze
+):
+    config = tiny.get_config()
+    config.rag.marginalization = marginalization
+    config.optimizer.freeze = freeze
+    trained = {path[0] for path, _ in nnx.to_flat_state(nnx.state(TwoParts(), trainable(config)))}
+    expected = {"query_encoder", "generator"}
+    if freeze:
+        expected.discard("generator")
+    if marginalization == "closed_book":  # it never reads its query encoder
+        expected.discard("query_encoder")
+    assert trained == expected

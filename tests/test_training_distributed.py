@@ -1,6 +1,7 @@
 """The same training on 1 device, on 4 devices as (data=2, fsdp=2) with FSDP-sharded
-parameters, and on 2 processes x 2 devices (a localhost coordinator, gloo collectives):
-the same losses and the same trained parameters."""
+parameters, and on 2 processes x 2 devices (a localhost coordinator, gloo collectives) as
+(data=1, fsdp=4), where every sharded parameter is split across the two processes and no
+process ever holds it whole: the same losses and the same trained parameters."""
 
 import os
 import socket
@@ -19,6 +20,7 @@ from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fi
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"train_steps": 3, "log_every": 1, "checkpoint.every": 2, "rag.n_docs": 4}
 SHARDED = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.fsdp_params": True}
+ACROSS_PROCESSES = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.fsdp_params": True}
 
 
 def params(config, workdir) -> dict:
@@ -75,7 +77,8 @@ def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_
     overrides = [
         f"--config.{key}={value}"
         for key, value in {
-            **STEPS, **SHARDED, "model.question_encoder": config.model.question_encoder,
+            **STEPS, **ACROSS_PROCESSES,
+            "model.question_encoder": config.model.question_encoder,
             "data.index": config.data.index, "data.train": config.data.train,
             "optimizer.decay_steps": config.optimizer.decay_steps,  # as tiny_config's
         }.items()
@@ -107,9 +110,13 @@ def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_
     # only process 0 writes metrics; every step's global loss once
     assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3]
     assert_same_losses(four_devices[1], workdir)
-    # the checkpoint the two processes wrote restores the parameters of the one-process run
-    # (Adam at lr 1e-2 turns float rounding into ~1e-5 parameter differences)
+    # The checkpoint the two processes wrote restores the parameters of the one-process run.
+    # Sums run in other orders (other meshes, gloo's all-reduce), and Adam's steps, about
+    # lr * g / |g| early on, turn that rounding into differences of ~1e-5, up to ~1e-3 for the
+    # odd weight whose gradient is ~0; a misplaced shard would move weights by ~2e-2. BART's key
+    # biases are left out: softmax ignores them, so their gradient is rounding alone.
     ours, reference = params(config, workdir), params(config, four_devices[1])
     assert ours.keys() == reference.keys()
     for name, value in reference.items():
-        np.testing.assert_allclose(ours[name], value, atol=1e-4, err_msg=name)
+        if "['k_proj']['bias']" not in name:
+            np.testing.assert_allclose(ours[name], value, atol=2e-3, err_msg=name)

@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rag_jax.models import partitioning
 from rag_jax.models.bart import Bart, BartConfig
 from rag_jax.models.hf_io import (
     CheckpointError,
@@ -95,6 +96,7 @@ def load_bart(
     dtype=jnp.float32,
     remat: bool = False,
     mesh: Mesh | None = None,
+    rules: partitioning.Rules = partitioning.LOGICAL_RULES,
 ) -> Bart:
     """Loads a Hugging Face BART/mBART ForConditionalGeneration checkpoint directory.
 
@@ -110,6 +112,7 @@ def load_bart(
       remat: rematerialise each layer in the backward pass.
       mesh: a ``(data, fsdp)`` mesh (``partitioning.make_mesh``): each weight goes straight
         into its shards (``partitioning.param_shardings``); None: the default device.
+      rules: logical axes -> mesh axes (``partitioning.replicated_rules()``: whole copies).
 
     Raises:
       FileNotFoundError: no such directory, no config.json, or no weights file.
@@ -154,7 +157,7 @@ def load_bart(
         params[path] = value.T if path.endswith(".kernel") and value.ndim == 2 else value
         if path != name:
             names[path] = name
-    assign_params(model, params, source=source, source_names=names, mesh=mesh)
+    assign_params(model, params, source=source, source_names=names, mesh=mesh, rules=rules)
     return model
 
 

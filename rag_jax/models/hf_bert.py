@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from rag_jax.models import partitioning
 from rag_jax.models.bert import Architecture, BertConfig, BertEncoder, Pooling
 from rag_jax.models.hf_io import (
     abstract_module,
@@ -107,6 +108,7 @@ def load_bert_encoder(
     dtype: Any = jnp.float32,
     remat: bool = False,
     mesh: Mesh | None = None,
+    rules: partitioning.Rules = partitioning.LOGICAL_RULES,
 ) -> BertEncoder:
     """Loads a BertEncoder from a local Hugging Face checkpoint directory.
 
@@ -126,6 +128,7 @@ def load_bert_encoder(
       remat: rematerialise each layer in the backward pass.
       mesh: a ``(data, fsdp)`` mesh (``partitioning.make_mesh``): each weight goes straight
         into its shards (``partitioning.param_shardings``); None: the default device.
+      rules: logical axes -> mesh axes (``partitioning.replicated_rules()``: whole copies).
 
     Returns:
       The encoder, weights loaded, with ``source_architecture`` the layout it came from.
@@ -184,7 +187,7 @@ def load_bert_encoder(
         for key, value in state_dict.items()
     }
     source = f"checkpoint {str(directory)!r}"
-    assign_params(encoder, params, source=source, source_names=hf_names, mesh=mesh)
+    assign_params(encoder, params, source=source, source_names=hf_names, mesh=mesh, rules=rules)
     return encoder
 
 

@@ -211,6 +211,7 @@ def assign_params(
     source: str = "checkpoint",
     source_names: Mapping[str, str] | None = None,
     mesh: Mesh | None = None,
+    rules: partitioning.Rules = partitioning.LOGICAL_RULES,
 ) -> None:
     """Sets every ``nnx.Param`` of ``module`` from ``params`` (keyed by dotted NNX path), in place.
 
@@ -229,6 +230,7 @@ def assign_params(
       mesh: a ``(data, fsdp)`` mesh: each value goes straight into its shards
         (``partitioning.param_shardings``), never whole onto one device, and the module's other
         variables are moved onto the mesh too. None: the default device.
+      rules: logical axes -> mesh axes (``partitioning.replicated_rules()``: whole copies).
     """
     names = source_names or {}
     targets = _flat_params(module)
@@ -258,13 +260,16 @@ def assign_params(
         )
     shardings = {}
     if mesh is not None:
-        flat = nnx.to_flat_state(partitioning.param_shardings(module, mesh))
+        flat = nnx.to_flat_state(partitioning.param_shardings(module, mesh, rules))
         shardings = {".".join(map(str, path)): var.get_value() for path, var in flat}
     for path, var in targets.items():
         value = np.asarray(params[path], dtype=var.get_value().dtype)
-        var.set_value(jax.device_put(value, shardings.get(path)))
+        if mesh is None:
+            var.set_value(jax.device_put(value))
+        else:
+            var.set_value(partitioning.put(value, shardings[path]))
     if mesh is not None:
-        partitioning.shard_module(module, mesh)  # the rest: RNG streams, buffers
+        partitioning.shard_module(module, mesh, rules)  # the rest: RNG streams, buffers
 
 
 def save_hf_checkpoint(

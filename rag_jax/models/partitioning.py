@@ -12,10 +12,11 @@ The annotations are plain Flax NNX ``out_sharding`` metadata, so Flax's own tool
 (``nnx.get_partition_spec`` under ``nnx.logical_axis_rules(LOGICAL_RULES)``) read them too.
 """
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -99,7 +100,58 @@ def param_shardings(tree: Any, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> nnx.
     return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def replicated_rules(rules: Rules = LOGICAL_RULES) -> Rules:
+    """``rules`` with every logical axis replicated: parameters whole on every device."""
+    return tuple((name, None) for name, _ in rules)
+
+
+def put(x: Any, sharding: NamedSharding) -> jax.Array:
+    """One value onto ``sharding``, also when the mesh spans several processes.
+
+    ``x`` (a numpy or jax array, a PRNG key) must be equal on every process; each process builds
+    only its own shards from it. A jax array already laid out as ``sharding`` is returned as it
+    is; one spanning other processes is resharded on the devices (never gathered to a host).
+    """
+    if isinstance(x, jax.Array):
+        if x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
+        if jax.process_count() == 1 or not x.is_fully_addressable:
+            return jax.device_put(x, sharding)
+    if hasattr(x, "dtype") and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):  # raw data
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=impl)
+    value = np.asarray(x)
+    if jax.process_count() == 1:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def shard_module(module: nnx.Module, mesh: Mesh, rules: Rules = LOGICAL_RULES) -> None:
     """Moves a module's variables onto ``mesh`` in place, laid out by their logical axes."""
     state = nnx.state(module)
-    nnx.update(module, jax.device_put(state, param_shardings(state, mesh, rules)))
+    nnx.update(module, jax.tree.map(put, state, param_shardings(state, mesh, rules)))
+
+
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
+
+
+def create_sharded(
+    make: Callable[[], ModuleT], mesh: Mesh, rules: Rules = LOGICAL_RULES
+) -> ModuleT:
+    """``make()``, its variables initialised directly into their shardings on ``mesh``.
+
+    One jitted call whose outputs are constrained to :func:`param_shardings`: each device
+    computes and holds only its own shards, and no parameter is ever whole on one device (nor
+    on one host, with several processes). ``make`` must build its own ``nnx.Rngs`` (from a
+    seed), since a jitted function may not change the caller's.
+    """
+    shardings = param_shardings(nnx.eval_shape(make), mesh, rules)
+
+    @nnx.jit
+    def create():
+        module = make()
+        nnx.update(module, jax.lax.with_sharding_constraint(nnx.state(module), shardings))
+        return module
+
+    with jax.set_mesh(mesh):
+        return create()

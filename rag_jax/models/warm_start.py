@@ -15,13 +15,16 @@ segment-0 embedding, which BERT adds to every token. Shapes: V vocabulary, H hid
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from flax import nnx
 from jax import numpy as jnp
+from jax.sharding import Mesh
 
+from rag_jax.models import partitioning
 from rag_jax.models.bart import POSITION_OFFSET, Bart, BartConfig
 from rag_jax.models.bert import BertModel
-from rag_jax.models.hf_io import assign_params, module_params
+from rag_jax.models.hf_io import module_params
 
 # BART layer module <- BERT layer module (both post-LN, the same sublayer order).
 _ATTENTION_MODULES = {
@@ -112,6 +115,8 @@ def bart_from_bert(
     remat: bool = False,
     cross_attention_from_bert: bool = True,
     rngs: nnx.Rngs,
+    mesh: Mesh | None = None,
+    rules: partitioning.Rules = partitioning.LOGICAL_RULES,
 ) -> Bart:
     """A ``Bart(config)`` initialised from ``bert`` as the module docstring describes.
 
@@ -125,16 +130,36 @@ def bart_from_bert(
       cross_attention_from_bert: the decoder's cross-attention starts as a copy of its
         self-attention (BERT's); False: randomly initialised, as in Rothe et al.
       rngs: initialises what BERT does not provide.
+      mesh: a ``(data, fsdp)`` mesh: the BART is created directly into its shards
+        (``partitioning.create_sharded``) and each copied weight goes into them; None: the
+        default device. ``bert`` may be on the default device (each process's own copy).
+      rules: logical axes -> mesh axes, as for ``partitioning.param_shardings``.
 
     Raises:
       ValueError: a ``config`` field BERT's weights cannot fill, named.
     """
     values = warm_start_values(bert, config, cross_attention_from_bert)
-    bart = Bart(config, dtype=dtype, remat=remat, rngs=rngs)
-    params = module_params(bart)
+    if mesh is None:
+        bart = Bart(config, dtype=dtype, remat=remat, rngs=rngs)
+    else:
+        key_data = np.asarray(jax.random.key_data(rngs.params()))  # equal on every process
+
+        def make() -> Bart:
+            key = jax.random.wrap_key_data(key_data)
+            return Bart(config, dtype=dtype, remat=remat, rngs=nnx.Rngs(key))
+
+        bart = partitioning.create_sharded(make, mesh, rules)
+    targets = {
+        ".".join(map(str, path)): variable
+        for path, variable in nnx.to_flat_state(nnx.state(bart, nnx.Param))
+    }
     for path, value in values.items():
-        if path.endswith("embed_positions.embedding"):
-            value = np.concatenate([params[path][:POSITION_OFFSET], value])
-        params[path] = value
-    assign_params(bart, params, source="BERT warm start")
+        variable = targets[path]
+        old = variable.get_value()
+        new = partitioning.put(np.asarray(value, old.dtype), old.sharding)
+        if path.endswith("embed_positions.embedding"):  # rows from POSITION_OFFSET on
+            new = jax.jit(
+                lambda old, rows: old.at[POSITION_OFFSET:].set(rows), out_shardings=old.sharding
+            )(old, new)
+        variable.set_value(new)
     return bart

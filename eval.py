@@ -16,6 +16,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from rag_jax._cli import parse_flags
 from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
 from rag_jax.training import load_trained
 
@@ -65,4 +66,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

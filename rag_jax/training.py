@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from rag_jax import device_retrieval
 from rag_jax.data import BatchBuilder, QAExample, read_qa, tokenize_questions
 from rag_jax.index import ExactIndex, IndexMismatchError, KnowledgeSource
+from rag_jax.index.manifest import MANIFEST_FILE
 from rag_jax.marginalize import has_documents
 from rag_jax.models import (
     Bart,
@@ -458,6 +459,32 @@ def _query_preprocessing(model: RagModel, question_encoder_dir: str) -> dict:
     }
 
 
+def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> None:
+    """Every file or directory the config names exists (the model's, and with ``training``
+    the data's and, unless closed-book, the index's).
+
+    Raises:
+      FileNotFoundError: naming the config field and the path.
+    """
+    fields = ["model.question_encoder", "model.generator", "model.generator_tokenizer"]
+    fields.append("model.generator_warm_start")
+    if training:
+        fields.append("data.train")
+        if config.rag.marginalization != "closed_book":
+            fields.append("data.index")
+    for field in fields:
+        section, name = field.split(".")
+        path = config[section].get(name, "")
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"config.{field}={str(path)!r} does not exist")
+    index = config.data.get("index", "")
+    if "data.index" in fields and not (Path(index) / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(
+            f"config.data.index={str(index)!r} is not an index directory (no {MANIFEST_FILE}); "
+            "build one with `python -m rag_jax.index build`"
+        )
+
+
 def open_knowledge(
     config: ml_collections.ConfigDict, model: RagModel, mesh=None
 ) -> KnowledgeSource | None:
@@ -801,6 +828,7 @@ class _Retrieval:
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as ``config`` says, checkpointing to ``workdir``; returns the last metrics."""
     workdir = Path(workdir)
+    check_paths(config)
     _check_workdir(workdir, config)
     # Every input is checked before anything is written to the workdir.
     examples, n_bad = read_qa(config.data.train, skip_bad=config.data.skip_bad_lines)
@@ -1036,6 +1064,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} holds no checkpoint (no {directory})")
+    check_paths(config, training=False)
     model = _abstract_model(config, make_mesh(config))
     question_tokenizer = load_bert_tokenizer(config.model.question_encoder)
     generator_tokenizer = load_bert_tokenizer(

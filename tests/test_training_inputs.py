@@ -39,6 +39,25 @@ def test_an_index_of_another_encoder_preprocessing_is_refused(toy, tmp_path):  #
     assert not workdir.exists()
 
 
+@pytest.mark.parametrize(
+    "field", ["model.question_encoder", "model.generator", "data.train", "data.index"]
+)
+def test_a_missing_path_is_refused_naming_its_config_field(toy, tmp_path, field):  # noqa: F811
+    workdir = tmp_path / "run"
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=rf"config\.{field}='{missing}' does not exist"):
+        train(tiny_config(toy, **{field: str(missing)}), str(workdir))
+    assert not workdir.exists()
+
+
+def test_a_directory_that_is_no_index_is_named_as_such(toy, tmp_path):  # noqa: F811
+    (tmp_path / "empty").mkdir()
+    message = r"config\.data\.index=.* is not an index directory"
+    with pytest.raises(FileNotFoundError, match=message):
+        train(tiny_config(toy, **{"data.index": str(tmp_path / "empty")}), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_over_long_questions_are_cut_and_counted(toy, tmp_path):  # noqa: F811
     long_question = " ".join(["granite mountain snow"] * 20)  # > 32 tokens
     qa = tmp_path / "qa.jsonl"

@@ -198,11 +198,11 @@ def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
     Raises:
       ValueError: ``optimizer.freeze`` is not a regular expression.
     """
-    pattern = _freeze_pattern(config)
+    patterns = [_freeze_pattern(config)]
     if config.rag.marginalization == "closed_book":
-        either = f"(?:{pattern.pattern})|" if pattern is not None else ""
-        pattern = re.compile(either + "^query_encoder/")
-    return nnx.Param if pattern is None else nnx.All(nnx.Param, nnx.Not(_PathMatches(pattern)))
+        patterns.append(re.compile("^query_encoder/"))
+    frozen = [_PathMatches(pattern) for pattern in patterns if pattern is not None]
+    return nnx.All(nnx.Param, nnx.Not(nnx.Any(*frozen))) if frozen else nnx.Param
 
 
 def make_optimizer(
@@ -1018,23 +1018,32 @@ def _restore(
     step = manager.latest_step() if step is None else step
     snapshot = _Retrieval.snapshot(model) if snapshot is None else snapshot
     state = _train_state(model, optimizer, snapshot)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(nnx.to_pure_dict(state)),
-            position=ocp.args.JsonRestore(),
-        ),
-    )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(nnx.to_pure_dict(state)),
+                position=ocp.args.JsonRestore(),
+            ),
+        )
+    except ValueError as error:  # orbax: the saved tree is not this model's and optimizer's
+        raise ValueError(
+            f"the checkpoint of step {step} in {manager.directory} does not fit this model and "
+            f"optimizer (saved by an earlier version of rag_jax?); start in a new workdir: {error}"
+        ) from None
     nnx.replace_by_pure_dict(state, restored["state"])
     nnx.update(model, state["params"])
+    nnx.update(model, state["model_rngs"])
     nnx.update(optimizer, state["optimizer"])
     return step, DataPosition(**restored["position"]), state["retrieval_query_encoder"]
 
 
 def _abstract_model(config: ml_collections.ConfigDict, mesh) -> RagModel:
     """The model :func:`build_model` builds, every variable a ``jax.ShapeDtypeStruct`` with its
-    sharding on ``mesh``: a target to restore a checkpoint into. The pretrained checkpoints are
-    read for their shapes only, and no warm start is done (the checkpoint holds every weight)."""
+    sharding on ``mesh``: a target to restore a checkpoint into. The pretrained checkpoints'
+    weight files are still read on the host (``build_model`` runs under ``nnx.eval_shape``), but
+    nothing is placed on a device, and no warm start is done (the checkpoint holds every
+    weight)."""
     config = copy.deepcopy(config)
     config.model.generator_warm_start = ""
     model = nnx.eval_shape(lambda: build_model(config)[0])
@@ -1088,6 +1097,19 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
                 )
             ),
         )["state"]
+    # A partial restore returns the target's own leaf where the checkpoint lacks one.
+    missing = [
+        f"{part}{jax.tree_util.keystr(path)}"
+        for part in target
+        for path, leaf in jax.tree_util.tree_leaves_with_path(restored.get(part, target[part]))
+        if isinstance(leaf, jax.ShapeDtypeStruct)
+    ]
+    if missing:
+        raise ValueError(
+            f"the checkpoint of step {step} in {directory} lacks {len(missing)} of this model's "
+            f"variables (saved by an earlier version of rag_jax, or another model?): "
+            f"{', '.join(missing[:5])}"
+        )
     for part, variables in (("params", nnx.Param), ("model_rngs", nnx.Not(nnx.Param))):
         state = nnx.state(model, variables)
         nnx.replace_by_pure_dict(state, restored[part])

@@ -97,3 +97,10 @@ def test_trainable_leaves_out_frozen_parameters_and_a_closed_book_query_encoder(
     if marginalization == "closed_book":  # it never reads its query encoder
         expected.discard("query_encoder")
     assert trained == expected
+
+
+def test_a_freeze_pattern_with_inline_flags_works_for_a_closed_book_model():
+    config = tiny.get_config()
+    config.rag.marginalization = "closed_book"
+    config.optimizer.freeze = "(?i)^GENERATOR/"
+    assert not nnx.to_flat_state(nnx.state(TwoParts(), trainable(config)))

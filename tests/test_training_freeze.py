@@ -3,6 +3,7 @@ no optimizer state, and the step is the one that computes every gradient and dro
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from rag_jax import training
@@ -54,3 +55,24 @@ def test_frozen_parameters_have_no_gradient_and_no_moments(toy, monkeypatch):  #
     n_ours = sum(np.size(x) for x in jax.tree.leaves(nnx.state(optimizer, nnx.OptState)))
     n_oracle = sum(np.size(x) for x in jax.tree.leaves(nnx.state(oracle_optimizer, nnx.OptState)))
     assert n_oracle - n_ours == 2 * np.prod(shape)  # Adam's two moments of the embedding
+
+
+def test_a_checkpoint_lacking_variables_is_refused_by_load_trained(toy, tmp_path):  # noqa: F811
+    """A checkpoint of an earlier layout (parameters only, no "model_rngs"): orbax's partial
+    restore would hand back abstract leaves; load_trained names what is missing instead."""
+    import orbax.checkpoint as ocp
+
+    config = tiny_config(toy, **{"rag.n_docs": 4})
+    model = training.build_model(config)[0]
+    state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+    with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
+        manager.save(
+            1,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                position=ocp.args.JsonSave({"epoch": 0, "index": 0}),
+            ),
+        )
+        manager.wait_until_finished()
+    with pytest.raises(ValueError, match=r"lacks \d+ of this model's variables.*model_rngs"):
+        training.load_trained(config, str(tmp_path))

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import importlib.metadata
 import json
@@ -223,6 +224,8 @@ def config_for(workdir: Path, module=demo_config, **values):
         *parents, leaf = key.split(".")
         for parent in parents:
             node = node[parent]
+        if isinstance(value, str) and not isinstance(node[leaf], str):  # "2e-3" -> 0.002
+            value = ast.literal_eval(value)
         node[leaf] = value
     return config
 
@@ -417,6 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workdir", default="runs/demo", type=Path)
     parser.add_argument("--warmup-steps", type=int, help="default: configs/demo_warmup.py's")
     parser.add_argument("--rag-steps", type=int, help="default: configs/demo.py's")
+    parser.add_argument(
+        "--warmup-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of configs/demo_warmup.py, e.g. optimizer.learning_rate=2e-3",
+    )
     parser.add_argument("--test-questions", type=int, help="the first N test questions only")
     parser.add_argument("--articles", type=int, help="a random subset of N articles (CI)")
     parser.add_argument(
@@ -448,6 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     warm = {
         "model.generator_warm_start": workdir / "minilm",
         "data.train": data / "warmup.jsonl",
+        **dict(override.split("=", 1) for override in args.warmup_config),
     }
     warm_steps = args.warmup_steps or warmup_config.get_config().train_steps
     warm_dir = train(workdir, "warmup", "warmup", warm_steps, **warm)

@@ -68,6 +68,12 @@ def param_rules(config: ml_collections.ConfigDict) -> partitioning.Rules:
     return rules if config.mesh.fsdp_params else partitioning.replicated_rules(rules)
 
 
+def _generator_tokenizer_dir(model_config: ml_collections.ConfigDict) -> str:
+    return (
+        model_config.generator_tokenizer or model_config.generator or model_config.question_encoder
+    )
+
+
 def build_model(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[RagModel, Any, Any]:
@@ -93,9 +99,7 @@ def build_model(
         rules=rules,
     )
     question_tokenizer = load_bert_tokenizer(model_config.question_encoder)
-    generator_tokenizer_dir = (
-        model_config.generator_tokenizer or model_config.generator or model_config.question_encoder
-    )
+    generator_tokenizer_dir = _generator_tokenizer_dir(model_config)
     generator_tokenizer = load_bert_tokenizer(generator_tokenizer_dir)
     if model_config.generator:
         generator = load_bart(
@@ -180,8 +184,8 @@ class _PathMatches:
         return self.pattern.search("/".join(map(str, path))) is not None
 
 
-def _freeze_pattern(config: ml_collections.ConfigDict) -> re.Pattern | None:
-    freeze = config.optimizer.get("freeze", "")
+def _freeze_pattern(freeze: str) -> re.Pattern | None:
+    """``optimizer.freeze`` compiled (None when empty)."""
     try:
         return re.compile(freeze) if freeze else None
     except re.error as error:
@@ -198,7 +202,7 @@ def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
     Raises:
       ValueError: ``optimizer.freeze`` is not a regular expression.
     """
-    patterns = [_freeze_pattern(config)]
+    patterns = [_freeze_pattern(config.optimizer.get("freeze", ""))]
     if config.rag.marginalization == "closed_book":
         patterns.append(re.compile("^query_encoder/"))
     frozen = [_PathMatches(pattern) for pattern in patterns if pattern is not None]
@@ -226,7 +230,7 @@ def make_optimizer(
 @functools.lru_cache(maxsize=16)
 def _make_optimizer(settings: str, train_steps: int):
     opt = ml_collections.ConfigDict(json.loads(settings))
-    pattern = _freeze_pattern(ml_collections.ConfigDict({"optimizer": opt}))
+    pattern = _freeze_pattern(opt.get("freeze", ""))
     labels = functools.partial(_module_labels, freeze=pattern)
     total_steps = opt.decay_steps or train_steps
     schedule = (
@@ -466,8 +470,10 @@ def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> Non
     Raises:
       FileNotFoundError: naming the config field and the path.
     """
-    fields = ["model.question_encoder", "model.generator", "model.generator_tokenizer"]
-    fields.append("model.generator_warm_start")
+    fields = [
+        "model.question_encoder", "model.generator", "model.generator_tokenizer",
+        "model.generator_warm_start",
+    ]  # fmt: skip
     if training:
         fields.append("data.train")
         if config.rag.marginalization != "closed_book":
@@ -1038,15 +1044,23 @@ def _restore(
     return step, DataPosition(**restored["position"]), state["retrieval_query_encoder"]
 
 
-def _abstract_model(config: ml_collections.ConfigDict, mesh) -> RagModel:
-    """The model :func:`build_model` builds, every variable a ``jax.ShapeDtypeStruct`` with its
-    sharding on ``mesh``: a target to restore a checkpoint into. The pretrained checkpoints'
+def _abstract_model(config: ml_collections.ConfigDict, mesh) -> tuple[RagModel, Any, Any]:
+    """:func:`build_model`'s ``(model, question_tokenizer, generator_tokenizer)``, every variable
+    of the model a ``jax.ShapeDtypeStruct`` with its sharding on ``mesh``: a target to restore a
+    checkpoint into. The pretrained checkpoints'
     weight files are still read on the host (``build_model`` runs under ``nnx.eval_shape``), but
     nothing is placed on a device, and no warm start is done (the checkpoint holds every
     weight)."""
     config = copy.deepcopy(config)
     config.model.generator_warm_start = ""
-    model = nnx.eval_shape(lambda: build_model(config)[0])
+    tokenizers = []
+
+    def make() -> RagModel:
+        model, *built = build_model(config)
+        tokenizers.extend(built)  # host objects: kept, not traced
+        return model
+
+    model = nnx.eval_shape(make)
     state = nnx.state(model)
     shardings = partitioning.param_shardings(state, mesh, param_rules(config))
     nnx.update(
@@ -1057,7 +1071,7 @@ def _abstract_model(config: ml_collections.ConfigDict, mesh) -> RagModel:
             shardings,
         ),
     )
-    return model
+    return model, *tokenizers
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
@@ -1074,11 +1088,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, step: int | No
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} holds no checkpoint (no {directory})")
     check_paths(config, training=False)
-    model = _abstract_model(config, make_mesh(config))
-    question_tokenizer = load_bert_tokenizer(config.model.question_encoder)
-    generator_tokenizer = load_bert_tokenizer(
-        config.model.generator_tokenizer or config.model.generator or config.model.question_encoder
-    )
+    model, question_tokenizer, generator_tokenizer = _abstract_model(config, make_mesh(config))
     target = {
         "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
         "model_rngs": nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param))),

@@ -17,8 +17,8 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rag_jax._cli import parse_flags
+from rag_jax.checkpoints import load_trained
 from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
-from rag_jax.training import load_trained
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")

@@ -107,8 +107,9 @@ def ours_step(tmp: Path, arrays: dict, K: int):
     from flax import nnx
 
     from configs import tiny
+    from rag_jax.optim import make_optimizer
     from rag_jax.rag import RagBatch, RagConfig, load_rag
-    from rag_jax.training import make_optimizer, train_step
+    from rag_jax.training import train_step
 
     model = load_rag(
         question_encoder_dir=tmp / "q", generator_dir=tmp / "g", config=RagConfig(n_docs=K)

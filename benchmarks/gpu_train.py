@@ -103,8 +103,9 @@ def build(args, shapes: dict):
 
     from configs import tiny
     from rag_jax.models import Bart, BartConfig, BertConfig, BertEncoder, partitioning
+    from rag_jax.optim import make_optimizer, trainable
     from rag_jax.rag import RagConfig, RagModel
-    from rag_jax.training import _place_on_mesh, make_mesh, make_optimizer, param_rules
+    from rag_jax.sharding import make_mesh, param_rules, place_on_mesh
 
     dtype = jnp.float32 if args.float32 else jnp.bfloat16
     bert, bart = (TINY_BERT, TINY_BART) if args.tiny else (BERT_BASE, BART_LARGE)
@@ -132,14 +133,14 @@ def build(args, shapes: dict):
     # initialised straight into its shards: BART-large is never whole on one device
     model = partitioning.create_sharded(make, mesh, param_rules(config))
     tx, _ = make_optimizer(config)
-    return model, _place_on_mesh(model, tx, mesh, config), mesh
+    return model, place_on_mesh(model, tx, mesh, config, trainable(config)), mesh
 
 
 def random_batch(model, shapes: dict, mesh):
     import numpy as np
 
     from rag_jax.rag import RagBatch
-    from rag_jax.training import _shard_batch
+    from rag_jax.sharding import shard_batch
 
     B, K, L, S, T = (shapes[k] for k in "BKLST")
     H = model.query_encoder.output_dim
@@ -157,7 +158,7 @@ def random_batch(model, shapes: dict, mesh):
         targets=targets,
         target_mask=np.ones((B, T), bool),
     )
-    return _shard_batch(batch, mesh)
+    return shard_batch(batch, mesh)
 
 
 def run(args) -> dict:

@@ -232,8 +232,8 @@ def config_for(workdir: Path, module=demo_config, **values):
 
 def export_generator(workdir: Path, run_dir: Path, config, out: Path) -> None:
     """The trained generator as a BART checkpoint directory (plus the tokenizer)."""
+    from rag_jax.checkpoints import load_trained
     from rag_jax.models import save_bart
-    from rag_jax.training import load_trained
 
     if (out / "config.json").exists():
         return
@@ -475,7 +475,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         stage(f"train_{name}")
 
-    from rag_jax.training import build_model, load_trained
+    from rag_jax.builders import build_model
+    from rag_jax.checkpoints import load_trained
 
     test = data / "test.jsonl"
     if args.test_questions:  # a quicker look at the first questions

@@ -51,8 +51,8 @@ def _read_questions(path: Path) -> list[str]:
 def _load(args):
     import ml_collections
 
+    from rag_jax.checkpoints import load_trained
     from rag_jax.evaluation import EvalSettings, Evaluator
-    from rag_jax.training import load_trained
 
     record = args.workdir / "config.json"
     if not record.is_file():

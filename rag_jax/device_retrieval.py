@@ -4,13 +4,13 @@ The index's vectors stay on the device (an :class:`~rag_jax.index.ExactIndex`, r
 over the mesh) beside the passages' tokens, tokenized once when training starts. Each step then
 embeds the questions, takes the top K by inner product, gathers the documents' vectors and
 tokens and assembles the generator inputs, all inside ``jit``: the same
-:class:`~rag_jax.rag.RagBatch` that :class:`~rag_jax.data.BatchBuilder` builds on the host, with
-no host round trip. The host only tokenizes the questions and answers.
+:class:`~rag_jax.rag.RagBatch` that :class:`~rag_jax.host_retrieval.BatchBuilder` builds on
+the host, with no host round trip. The host only tokenizes the questions and answers.
 
 A generator input is ``[lead] passage suffix [trail]`` with ``passage = prefix + title +
 title_sep + text`` and ``suffix = doc_sep + question`` (``lead``/``trail``: the tokenizer's
 special tokens, ``[CLS]``/``[SEP]`` or ``<s>``/``</s>``); when it is too long the passage is cut,
-never the question: :func:`rag_jax.data.tokenize_contexts`'s rule. Tokenizing the two pieces
+never the question: :func:`rag_jax.tokenization.tokenize_contexts`'s rule. Tokenizing the two pieces
 apart gives that function's ids only when the tokenizer splits the whole string at their
 boundary (WordPiece and byte-level BPE do: ``doc_sep`` starts with a space), so
 :func:`device_corpus` and :func:`question_batch` check it for every passage and question
@@ -24,7 +24,7 @@ L question length, T target length, H hidden.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,34 +32,20 @@ import numpy as np
 from flax import struct
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rag_jax.data import (
-    QAExample,
-    _with_special_tokens,
-    context_string,
-    tokenize_questions,
-    tokenize_targets,
-)
+from rag_jax.data import QAExample
+from rag_jax.host_retrieval import Prepared, Retriever
 from rag_jax.index.exact import ExactIndex, exact_search
 from rag_jax.models.inputs import check_token_ids
 from rag_jax.rag import RagBatch, RagConfig
-
-
-def passage_text(title: str, text: str, config: RagConfig) -> str:
-    """The passage's part of a generator input: ``prefix + title + title_sep + text``."""
-    title = title.removeprefix('"').removesuffix('"')
-    return (config.prefix + title + config.title_sep + text).replace("  ", " ")
-
-
-def question_suffix(question: str, config: RagConfig) -> str:
-    """The question's part of a generator input: ``doc_sep + question``."""
-    return (config.doc_sep + question).replace("  ", " ")
-
-
-def special_tokens(tokenizer) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """The special tokens ``tokenizer(text)`` puts before and after a text's tokens."""
-    marked = _with_special_tokens(tokenizer, [-1])
-    at = marked.index(-1)
-    return tuple(marked[:at]), tuple(marked[at + 1 :])
+from rag_jax.sharding import local_rows, shard_batch
+from rag_jax.tokenization import (
+    context_string,
+    passage_text,
+    question_suffix,
+    special_tokens,
+    tokenize_questions,
+    tokenize_targets,
+)
 
 
 def _check_split(tokenizer, strings: Sequence[str], lefts, rights, what: Sequence[str]) -> None:
@@ -171,7 +157,7 @@ def question_batch(
 ) -> tuple[QuestionBatch, dict[str, int]]:
     """``examples`` -> a :class:`QuestionBatch` (numpy) and the questions and targets cut.
 
-    ``builder`` is the run's :class:`rag_jax.data.BatchBuilder` (tokenizers, configs);
+    ``builder`` is the run's :class:`rag_jax.host_retrieval.BatchBuilder` (tokenizers, configs);
     ``probe_passage`` one of the corpus's passages, to check that each question tokenizes
     apart from a passage as the host path tokenizes it (else ValueError).
     """
@@ -225,7 +211,8 @@ def assemble_contexts(
 
     Returns:
       ``(context_ids (B, K, S) int32, context_mask (B, K, S) bool, n_cut (B,) int32)``:
-      :func:`rag_jax.data.tokenize_contexts`'s ids and its count of inputs cut, per question.
+      :func:`rag_jax.tokenization.tokenize_contexts`'s ids and its count of inputs cut, per
+      question.
     """
     lead = jnp.asarray(corpus.lead or (corpus.pad_id,), jnp.int32)
     trail = jnp.asarray(corpus.trail or (corpus.pad_id,), jnp.int32)
@@ -288,3 +275,62 @@ def retrieve(
         target_mask=questions.target_mask,
     )
     return batch, result.ids, n_cut
+
+
+def corpus_from_knowledge(knowledge, builder, probe_question: str) -> DeviceCorpus:
+    """The index's vectors (already on the mesh) and its passages' tokens, for retrieval
+    inside the train step.
+
+    Raises:
+      ValueError: naming ``data.retrieval``, for an index searched with ScaNN, or a generator
+        tokenizer that would not give the host path's inputs.
+    """
+    if not isinstance(knowledge.index, ExactIndex):
+        raise ValueError(
+            f"config.data.retrieval='device' searches an exact index on the device, but "
+            f"{knowledge.path} is opened with ScaNN: set config.data.index_backend='exact' (exact "
+            f"search of its vectors) or config.data.retrieval='host'"
+        )
+    passages = knowledge.passages(np.arange(knowledge.manifest.count))
+    return device_corpus(
+        knowledge.index,
+        passages,
+        builder.generator_tokenizer,
+        builder.config,
+        builder.generator_config.vocab_size,
+        probe_question=probe_question,
+    )
+
+
+class DeviceRetriever(Retriever):
+    """Tokenizes questions and answers on the host; the step
+    (``step_fn(model, optimizer, corpus, retrieval_state, questions)``) retrieves on the
+    device, with the same one-step-stale query encoder as :class:`HostRetriever`."""
+
+    def __init__(self, builder, corpus: DeviceCorpus, mesh, step_fn: Callable, prefetch: bool):
+        super().__init__(builder, mesh, step_fn, prefetch)
+        self.corpus = corpus
+        # one passage, to check that questions tokenize apart from passages
+        self.probe_passage = builder.knowledge.passages(0)
+
+    def _dispatch(self, examples, state) -> tuple:
+        return examples, state
+
+    def _build(self, examples, state) -> Prepared:
+        questions, n_truncated = question_batch(examples, self.builder, self.probe_passage)
+        return Prepared(
+            shard_batch(questions, self.mesh),
+            None,
+            n_truncated,
+            int(questions.target_mask.sum()),
+            retrieval_state=state,
+        )
+
+    def step(self, model, optimizer, prepared: Prepared) -> tuple[dict, np.ndarray, dict]:
+        metrics = self.step_fn(
+            model, optimizer, self.corpus, prepared.retrieval_state, prepared.inputs
+        )
+        metrics = jax.block_until_ready(metrics)
+        doc_ids = local_rows(metrics.pop("doc_ids"))
+        n_cut = int(local_rows(metrics.pop("n_cut")).sum())
+        return metrics, doc_ids, {**prepared.n_truncated, "context": n_cut}

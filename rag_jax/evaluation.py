@@ -23,11 +23,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from rag_jax import decode
-from rag_jax.data import QAExample, read_qa, tokenize_contexts, tokenize_questions
-from rag_jax.rag import RagModel
-from rag_jax.training import embed_questions
+from rag_jax.data import QAExample, read_qa
+from rag_jax.rag import RagModel, embed_questions
+from rag_jax.tokenization import tokenize_contexts, tokenize_questions
 
 RECALL_AT = (1, 5, 10, 20)
 DECODE_MODES = ("token", "thorough", "fast")
@@ -163,7 +164,7 @@ class Evaluator:
             context_mask = np.asarray(contexts["attention_mask"], bool)[:, None]
             doc_scores = np.zeros((B, 1), np.float32)
         else:
-            query = np.asarray(embed_questions(self.model, q.ids, q.mask))
+            query = np.asarray(embed_questions(*nnx.split(self.model.query_encoder), q.ids, q.mask))
             k = min(max(max(RECALL_AT), self.n_docs), self.knowledge.manifest.count)
             result, passages = self.knowledge.retrieve(query, k)
             ids, scores = np.asarray(result.ids), np.asarray(result.scores, np.float32)

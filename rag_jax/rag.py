@@ -15,6 +15,7 @@ input (context) length, T target length, V vocabulary, H hidden size.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -32,6 +33,7 @@ from rag_jax.models import (
     BertEncoder,
     load_bart,
     load_bert_encoder,
+    partitioning,
     save_bart,
     save_bert_encoder,
     save_hf_checkpoint,
@@ -154,6 +156,21 @@ class RagModel(nnx.Module):
             label_smoothing=self.config.label_smoothing,
         )
         return nll, doc_scores
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def embed_questions(
+    graphdef: nnx.GraphDef, state: nnx.State, question_ids: Array, question_mask: Array
+) -> Array:
+    """``q(x)`` of a query encoder split as ``(graphdef, state)``: ``(B, L), (B, L) -> (B, H)``
+    float32, without gradient. Under a training mesh (``jax.set_mesh``) the result is split
+    over the mesh's batch axes like the questions."""
+    query_emb = nnx.merge(graphdef, state).embed(question_ids, question_mask)  # (B, H)
+    if not jax.sharding.get_abstract_mesh().empty:
+        query_emb = jax.lax.with_sharding_constraint(
+            query_emb, jax.sharding.PartitionSpec(partitioning.MESH_AXES)
+        )
+    return query_emb
 
 
 # --------------------------------------------------------------------------------------

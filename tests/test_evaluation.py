@@ -87,9 +87,10 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
     import sys
     from pathlib import Path
 
+    from rag_jax.checkpoints import load_trained
     from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
     from rag_jax.index import KnowledgeSource
-    from rag_jax.training import load_trained, train
+    from rag_jax.training import train
     from tests.test_training import tiny_config
     from tests.toy import FACTS
 

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from configs import tiny
-from rag_jax.training import make_optimizer, trainable
+from rag_jax.optim import make_optimizer, trainable
 
 
 class TwoParts(nnx.Module):

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from configs import tiny
-from rag_jax.training import make_optimizer, rag_config
+from rag_jax.builders import rag_config
+from rag_jax.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

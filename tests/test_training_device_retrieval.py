@@ -10,15 +10,12 @@ import pytest
 from flax import nnx
 
 from rag_jax import device_retrieval
-from rag_jax.data import BatchBuilder, QAExample, read_qa
+from rag_jax.builders import build_model, open_knowledge
+from rag_jax.data import QAExample, read_qa
+from rag_jax.host_retrieval import BatchBuilder
 from rag_jax.index import KnowledgeSource, build_index, load_text_encoder
-from rag_jax.training import (
-    _device_corpus,
-    build_model,
-    make_mesh,
-    open_knowledge,
-    train,
-)
+from rag_jax.sharding import make_mesh
+from rag_jax.training import train
 from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fixture)
 
 
@@ -48,7 +45,9 @@ def test_device_batch_equals_host_batch(world, context_length):
     host = builder(open_knowledge(config, model))(examples)
 
     on_device = builder(open_knowledge(config, model, mesh))
-    corpus = _device_corpus(on_device.knowledge, on_device, examples)
+    corpus = device_retrieval.corpus_from_knowledge(
+        on_device.knowledge, on_device, examples[0].question
+    )
     assert corpus.index.embeddings.sharding.mesh == mesh  # rows split over the devices
     questions, n_truncated = device_retrieval.question_batch(
         examples, on_device, on_device.knowledge.passages(0)

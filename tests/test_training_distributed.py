@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rag_jax.training import load_trained
+from rag_jax.checkpoints import load_trained
 from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +51,7 @@ def four_devices(toy, tmp_path_factory):  # noqa: F811
 
 
 def test_four_devices_fsdp_equal_one_device(toy, four_devices, tmp_path):  # noqa: F811
-    from rag_jax.training import make_mesh
+    from rag_jax.sharding import make_mesh
 
     config = tiny_config(toy, **STEPS, **{"mesh.data": 1, "mesh.fsdp": 1})
     assert make_mesh(config).devices.size == 1

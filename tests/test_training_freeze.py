@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rag_jax import training
-from tests import test_training_bf16
+from rag_jax.builders import build_model
+from rag_jax.checkpoints import load_trained
+from rag_jax.optim import parameter_path
 from tests.test_training import tiny_config, toy  # noqa: F401 (fixture)
 from tests.test_training_bf16 import first_steps
 
@@ -16,23 +17,17 @@ FREEZE = "^generator/shared/"
 
 def params(model) -> dict:
     state = nnx.state(model, nnx.Param)
-    return {training.parameter_path(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(state)}
+    return {parameter_path(p): np.asarray(x) for p, x in jax.tree.leaves_with_path(state)}
 
 
-def test_frozen_parameters_have_no_gradient_and_no_moments(toy, monkeypatch):  # noqa: F811
+def test_frozen_parameters_have_no_gradient_and_no_moments(toy):  # noqa: F811
     config = tiny_config(toy, **{"mesh.fsdp": 1, "rag.n_docs": 4, "optimizer.freeze": FREEZE})
-    start = params(training.build_model(config)[0])
+    start = params(build_model(config)[0])
     losses, model, optimizer = first_steps(config, n_steps=2)
 
     # The oracle: every parameter differentiated and given moments; the chain drops the frozen
     # ones' gradients and updates (make_optimizer's own freeze).
-    place = training._place_on_mesh
-    monkeypatch.setattr(
-        test_training_bf16,
-        "_place_on_mesh",
-        lambda model, tx, mesh, config: place(model, tx, mesh, config, wrt=nnx.Param),
-    )
-    oracle_losses, oracle_model, oracle_optimizer = first_steps(config, n_steps=2)
+    oracle_losses, oracle_model, oracle_optimizer = first_steps(config, n_steps=2, wrt=nnx.Param)
 
     np.testing.assert_allclose(losses, oracle_losses, rtol=1e-6)
     assert losses[-1] != losses[0]
@@ -47,7 +42,7 @@ def test_frozen_parameters_have_no_gradient_and_no_moments(toy, monkeypatch):  #
 
     def moment_paths(optimizer) -> set[str]:
         leaves = jax.tree.leaves_with_path(nnx.state(optimizer, nnx.OptState))
-        return {training.parameter_path(p) for p, x in leaves if np.ndim(x) > 0}
+        return {parameter_path(p) for p, x in leaves if np.ndim(x) > 0}
 
     shape = ours[frozen[0]].shape
     assert not any("shared" in path for path in moment_paths(optimizer))
@@ -63,7 +58,7 @@ def test_a_checkpoint_lacking_variables_is_refused_by_load_trained(toy, tmp_path
     import orbax.checkpoint as ocp
 
     config = tiny_config(toy, **{"rag.n_docs": 4})
-    model = training.build_model(config)[0]
+    model = build_model(config)[0]
     state = {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param))}
     with ocp.CheckpointManager(tmp_path / "checkpoints") as manager:
         manager.save(
@@ -75,4 +70,4 @@ def test_a_checkpoint_lacking_variables_is_refused_by_load_trained(toy, tmp_path
         )
         manager.wait_until_finished()
     with pytest.raises(ValueError, match=r"lacks \d+ of this model's variables.*model_rngs"):
-        training.load_trained(config, str(tmp_path))
+        load_trained(config, str(tmp_path))

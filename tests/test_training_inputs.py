@@ -7,7 +7,8 @@ import types
 import pytest
 from transformers import AutoTokenizer
 
-from rag_jax.data import BatchBuilder, QAExample
+from rag_jax.data import QAExample
+from rag_jax.host_retrieval import BatchBuilder
 from rag_jax.index import IndexMismatchError, build_index, load_text_encoder
 from rag_jax.rag import RagConfig
 from rag_jax.training import train

@@ -17,10 +17,12 @@ import shutil
 import numpy as np
 import pytest
 
+from rag_jax.builders import build_model
+from rag_jax.checkpoints import load_trained
 from rag_jax.evaluation import EvalSettings, Evaluator
 from rag_jax.index import KnowledgeSource
 from rag_jax.models import save_bart
-from rag_jax.training import build_model, load_trained, train
+from rag_jax.training import train
 from tests.test_training import MINILM_DIR, read_metrics, tiny_config, toy  # noqa: F401 -- fixture
 from tests.toy import FACTS, TOKENIZER_FILES
 

@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from rag_jax.builders import build_model
 from rag_jax.models import partitioning
-from rag_jax.training import build_model, make_mesh, param_rules
+from rag_jax.sharding import make_mesh, param_rules
 from tests.toy import tiny_encoder
 
 # 4 devices (tests/conftest.py) as (data=2, fsdp=2): kernels split in half over fsdp.

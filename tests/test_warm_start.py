@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 
 from configs import tiny
+from rag_jax.builders import build_model
 from rag_jax.models import BartConfig, BertConfig, BertModel, bart_from_bert
 from rag_jax.models.hf_io import module_params
-from rag_jax.training import build_model
 from tests.toy import tiny_encoder
 
 BERT = BertConfig(

@@ -208,7 +208,7 @@ def load_text_encoder(
     """
     from flax import nnx
 
-    from rag_jax.models.hf_bert import load_bert_encoder, load_bert_tokenizer
+    from rag_jax.models.hf_bert import load_bert_encoder, load_bert_tokenizer, tokenizer_dir
     from rag_jax.models.inputs import check_tokenizer_vocab, tokenizer_sha256
     from rag_jax.models.sentence_transformers import read_sentence_transformers
 
@@ -224,13 +224,12 @@ def load_text_encoder(
     shortest = tokenizer.num_special_tokens_to_add(pair=True) + 2  # [CLS] t [SEP] x [SEP]
     if max_length < shortest:
         raise ValueError(f"max_length must be >= {shortest} for {hf_dir}, got {max_length}")
-    tokenizer_dir = hf_dir / "question_encoder_tokenizer"
     preprocessing = {
         "architecture": module.source_architecture,
         "pooling": module.pooling,
         "normalize": module.normalize,
         "max_length": max_length,
-        "tokenizer_sha256": tokenizer_sha256(tokenizer_dir if tokenizer_dir.is_dir() else hf_dir),
+        "tokenizer_sha256": tokenizer_sha256(tokenizer_dir(hf_dir)),
     }
     # Only the weights travel as the jitted function's argument (and are hashed); other state
     # (e.g. dropout RNG keys, unused when deterministic) is closed over.

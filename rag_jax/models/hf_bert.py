@@ -231,6 +231,15 @@ def save_bert_encoder(
     save_hf_checkpoint(checkpoint_dir, state_dict, hf_config, extra_files=extra_files)
 
 
+def tokenizer_dir(checkpoint_dir: str | os.PathLike) -> Path:
+    """Where a query encoder's tokenizer files are: a RAG checkpoint keeps them in its
+    ``question_encoder_tokenizer/``, a BERT / DPR / sentence-transformers directory beside the
+    weights."""
+    directory = Path(checkpoint_dir)
+    nested = directory / "question_encoder_tokenizer"
+    return nested if nested.is_dir() else directory
+
+
 def load_bert_tokenizer(checkpoint_dir: str | os.PathLike):
     """The checkpoint's tokenizer via ``transformers.AutoTokenizer``, from local files only.
 
@@ -240,8 +249,6 @@ def load_bert_tokenizer(checkpoint_dir: str | os.PathLike):
     """
     from transformers import AutoTokenizer  # lazy: transformers is slow to import
 
-    directory = Path(checkpoint_dir)
-    if (directory / "question_encoder_tokenizer").is_dir():
-        directory = directory / "question_encoder_tokenizer"
+    directory = tokenizer_dir(checkpoint_dir)
     check_tokenizer_dir(directory)  # else transformers makes every word [UNK]
     return AutoTokenizer.from_pretrained(directory, local_files_only=True)

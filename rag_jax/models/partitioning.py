@@ -46,14 +46,17 @@ LOGICAL_RULES: Rules = (
 )
 
 
-def make_mesh(data: int = 1, fsdp: int | None = None) -> Mesh:
-    """A ``(data, fsdp)`` mesh over all devices; ``fsdp=None`` takes the devices ``data`` leaves.
+def make_mesh(data: int = 1, fsdp: int | None = None, devices: Sequence | None = None) -> Mesh:
+    """A ``(data, fsdp)`` mesh over ``devices`` (default: all); ``fsdp=None`` takes the devices
+    ``data`` leaves. Fewer devices than there are: the first ``data * fsdp`` of ``devices``.
 
     Its axes are ``Auto``: XLA's partitioner inserts FSDP's all-gathers, so model code needs no
     explicit output shardings (with ``Explicit`` axes, every matmul over a sharded width would).
     """
-    fsdp = jax.device_count() // data if fsdp is None else fsdp
-    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    devices = jax.devices() if devices is None else list(devices)
+    fsdp = len(devices) // data if fsdp is None else fsdp
+    auto = (AxisType.Auto, AxisType.Auto)
+    return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=auto, devices=devices[: data * fsdp])
 
 
 def axes(*names: str | None) -> dict[str, Any]:

@@ -1,0 +1,198 @@
+"""From a config to the objects a run needs: the RAG model (loaded or initialised straight into
+its shardings), the index it retrieves from (checked against its query encoder), and the
+checks that every path the config names exists.
+
+Everything here reads the config; nothing writes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from rag_jax import sharding
+from rag_jax.index import IndexMismatchError, KnowledgeSource
+from rag_jax.index.manifest import MANIFEST_FILE
+from rag_jax.models import (
+    Bart,
+    BartConfig,
+    bart_from_bert,
+    load_bart,
+    load_bert_encoder,
+    load_bert_tokenizer,
+    partitioning,
+)
+from rag_jax.models.hf_bert import tokenizer_dir
+from rag_jax.models.inputs import check_tokenizer_vocab, tokenizer_sha256
+from rag_jax.rag import RagConfig, RagModel
+
+
+def rag_config(config: ml_collections.ConfigDict) -> RagConfig:
+    return RagConfig(**config.rag.to_dict())
+
+
+def generator_tokenizer_dir(model_config: ml_collections.ConfigDict) -> str:
+    return (
+        model_config.generator_tokenizer or model_config.generator or model_config.question_encoder
+    )
+
+
+def build_model(
+    config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
+) -> tuple[RagModel, Any, Any]:
+    """``(model, question_tokenizer, generator_tokenizer)`` from ``config.model``.
+
+    The query encoder loads from ``model.question_encoder``; the generator either loads from
+    ``model.generator`` or, when that is empty, is initialised from ``model.generator_init``
+    (a BartConfig's fields) on the generator tokenizer's vocabulary and special tokens:
+    randomly, or from the BERT in ``model.generator_warm_start`` (``models.bart_from_bert``).
+
+    With a ``mesh``, every parameter is loaded or initialised directly into its shards
+    (:func:`param_rules`): the modules are built abstractly first, so no parameter is ever
+    whole on one device or, with several processes, on one host. None: the default device.
+    """
+    model_config = config.model
+    dtype = jnp.bfloat16 if model_config.bf16 else jnp.float32
+    rules = sharding.param_rules(config)
+    query_encoder = load_bert_encoder(
+        model_config.question_encoder,
+        dtype=dtype,
+        remat=model_config.remat,
+        mesh=mesh,
+        rules=rules,
+    )
+    question_tokenizer = load_bert_tokenizer(model_config.question_encoder)
+    vocab_dir = generator_tokenizer_dir(model_config)
+    generator_tokenizer = load_bert_tokenizer(vocab_dir)
+    if model_config.generator:
+        generator = load_bart(
+            model_config.generator, dtype=dtype, remat=model_config.remat, mesh=mesh, rules=rules
+        )
+    else:
+        tok = generator_tokenizer
+        bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id
+        eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+        bart_config = BartConfig(
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            decoder_start_token_id=bos,
+            forced_bos_token_id=None,
+            forced_eos_token_id=None,
+            **model_config.generator_init.to_dict(),
+        )
+        if model_config.generator_warm_start:
+            # The BERT is only the source of the copies: each process loads its own.
+            bert = load_bert_encoder(model_config.generator_warm_start).bert
+            generator = bart_from_bert(
+                bert,
+                bart_config,
+                dtype=dtype,
+                remat=model_config.remat,
+                rngs=nnx.Rngs(config.seed),
+                mesh=mesh,
+                rules=rules,
+            )
+        else:
+
+            def make() -> Bart:
+                rngs = nnx.Rngs(config.seed)
+                return Bart(bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs)
+
+            generator = make() if mesh is None else partitioning.create_sharded(make, mesh, rules)
+    # Ids >= vocab_size would read NaN embeddings: refuse such a tokenizer here.
+    check_tokenizer_vocab(
+        question_tokenizer,
+        query_encoder.bert.config.vocab_size,
+        f"query encoder {model_config.question_encoder}",
+    )
+    check_tokenizer_vocab(
+        generator_tokenizer,
+        generator.config.vocab_size,
+        f"generator tokenizer {vocab_dir}",
+    )
+    return (
+        RagModel(query_encoder, generator, rag_config(config)),
+        question_tokenizer,
+        generator_tokenizer,
+    )
+
+
+def query_preprocessing(model: RagModel, question_encoder_dir: str) -> dict:
+    """What, besides the weights, makes ``q(x)``: compared with the index manifest's record of
+    its document encoder (``max_length`` is not: questions and passages differ in length)."""
+    return {
+        "pooling": model.query_encoder.pooling,
+        "normalize": model.query_encoder.normalize,
+        "tokenizer_sha256": tokenizer_sha256(tokenizer_dir(question_encoder_dir)),
+    }
+
+
+def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> None:
+    """Every file or directory the config names exists (the model's, and with ``training``
+    the data's and, unless closed-book, the index's).
+
+    Raises:
+      FileNotFoundError: naming the config field and the path.
+    """
+    fields = [
+        "model.question_encoder", "model.generator", "model.generator_tokenizer",
+        "model.generator_warm_start",
+    ]  # fmt: skip
+    if training:
+        fields.append("data.train")
+        if config.rag.marginalization != "closed_book":
+            fields.append("data.index")
+    for field in fields:
+        section, name = field.split(".")
+        path = config[section].get(name, "")
+        if path and not Path(path).exists():
+            raise FileNotFoundError(f"config.{field}={str(path)!r} does not exist")
+    index = config.data.get("index", "")
+    if "data.index" in fields and not (Path(index) / MANIFEST_FILE).is_file():
+        raise FileNotFoundError(
+            f"config.data.index={str(index)!r} is not an index directory (no {MANIFEST_FILE}); "
+            "build one with `python -m rag_jax.index build`"
+        )
+
+
+def open_knowledge(
+    config: ml_collections.ConfigDict, model: RagModel, mesh=None
+) -> KnowledgeSource | None:
+    """The index of ``config.data.index``, checked against the query encoder: the same vector
+    size, pooling, normalisation and tokenizer files as the document encoder that built it.
+    With ``mesh``, an exact index's vectors are sharded over its devices.
+
+    Raises:
+      IndexMismatchError: naming the index, its encoder and the query encoder.
+    """
+    if model.config.closed_book:
+        return None
+    question_encoder = config.model.question_encoder
+    try:
+        return KnowledgeSource(
+            config.data.index,
+            backend=config.data.index_backend or None,
+            dim=model.query_encoder.output_dim,
+            encoder_preprocessing=query_preprocessing(model, question_encoder),
+            mesh=mesh,
+        )
+    except IndexMismatchError as error:
+        raise IndexMismatchError(
+            f"query encoder {question_encoder} does not fit the index: {error}"
+        ) from None
+
+
+def retrieval_mode(config: ml_collections.ConfigDict, model: RagModel) -> str:
+    """``config.data.retrieval``, checked: "host" or "device" ("host" for closed-book models,
+    which retrieve nothing)."""
+    mode = config.data.get("retrieval", "host")
+    if mode not in ("host", "device"):
+        raise ValueError(f"config.data.retrieval must be 'host' or 'device', got {mode!r}")
+    return "host" if model.config.closed_book else mode

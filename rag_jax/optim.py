@@ -1,0 +1,154 @@
+"""The optimizer from a config: AdamW with a warmup/decay schedule, per-module learning-rate
+factors, frozen parameters, gradient clipping, accumulation and non-finite updates skipped.
+
+``make_optimizer(config)`` builds the whole optax chain (big_vision's ``optax.make`` idea);
+:func:`trainable` is the matching NNX filter: the parameters the train step differentiates
+and the optimizer keeps moments for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+
+import jax
+import ml_collections
+import optax
+from flax import nnx
+
+
+def parameter_path(path) -> str:
+    """A parameter's pytree path as "/"-joined keys, e.g. "generator/shared/embedding"."""
+    path_string = jax.tree_util.keystr(path, simple=True, separator="/")
+    return path_string.removesuffix("/value")  # the nnx.Variable's own field, not its name
+
+
+def _module_labels(params, freeze: re.Pattern | None = None):
+    """Labels each parameter "query_encoder" or "generator" by its top-level module, or
+    "frozen" where its :func:`parameter_path` matches the compiled expression ``freeze``."""
+
+    def label(path, _):
+        if freeze is not None and freeze.search(parameter_path(path)):
+            return "frozen"
+        return "query_encoder" if getattr(path[0], "key", None) == "query_encoder" else "generator"
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+@dataclasses.dataclass(frozen=True)
+class _PathMatches:
+    """An NNX filter: the variables whose :func:`parameter_path` ``pattern`` finds."""
+
+    pattern: re.Pattern
+
+    def __call__(self, path, value) -> bool:
+        return self.pattern.search("/".join(map(str, path))) is not None
+
+
+def _freeze_pattern(freeze: str) -> re.Pattern | None:
+    """``optimizer.freeze`` compiled (None when empty)."""
+    try:
+        return re.compile(freeze) if freeze else None
+    except re.error as error:
+        message = f"optimizer.freeze={freeze!r} is not a regular expression: {error}"
+        raise ValueError(message) from None
+
+
+def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
+    """The parameters training changes: every ``nnx.Param`` but those whose path matches
+    ``config.optimizer.freeze``, and but the query encoder of a closed-book model (which never
+    reads it). The train step differentiates only these and the optimizer keeps moments only
+    for them, so a frozen embedding table costs no weight gradient and no Adam state.
+
+    Raises:
+      ValueError: ``optimizer.freeze`` is not a regular expression.
+    """
+    patterns = [_freeze_pattern(config.optimizer.get("freeze", ""))]
+    if config.rag.marginalization == "closed_book":
+        patterns.append(re.compile("^query_encoder/"))
+    frozen = [_PathMatches(pattern) for pattern in patterns if pattern is not None]
+    return nnx.All(nnx.Param, nnx.Not(nnx.Any(*frozen))) if frozen else nnx.Param
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """``(tx, schedule)``: AdamW with linear warmup and linear decay, global-norm clipping,
+    optional gradient accumulation, and non-finite updates skipped (and counted in the
+    optimizer state). Parameters whose path matches ``config.optimizer.freeze`` (a regular
+    expression, e.g. ``"^generator/shared/"``) never change: their gradients are dropped
+    before clipping and their updates (weight decay included) are zero. Train with
+    ``nnx.Optimizer(model, tx, wrt=trainable(config))``: they then have no moments either.
+
+    Equal settings give the same objects: ``nnx.Optimizer`` keeps ``tx`` in its graph
+    definition, the train step's cache key, so a new (equal but not identical) chain would make
+    every :func:`train` in a process compile the step again (a resume, a test's second run).
+    """
+    settings = json.dumps(config.optimizer.to_dict(), sort_keys=True)
+    return _make_optimizer(settings, config.train_steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_optimizer(settings: str, train_steps: int):
+    opt = ml_collections.ConfigDict(json.loads(settings))
+    pattern = _freeze_pattern(opt.get("freeze", ""))
+    labels = functools.partial(_module_labels, freeze=pattern)
+    total_steps = opt.decay_steps or train_steps
+    schedule = (
+        optax.warmup_cosine_decay_schedule(
+            init_value=0.0,
+            peak_value=opt.learning_rate,
+            warmup_steps=opt.warmup_steps,
+            decay_steps=max(total_steps, opt.warmup_steps + 1),
+            end_value=opt.learning_rate * opt.end_lr_factor,
+        )
+        if opt.schedule == "cosine"
+        else optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, opt.learning_rate, max(opt.warmup_steps, 1)),
+                optax.linear_schedule(
+                    opt.learning_rate,
+                    opt.learning_rate * opt.end_lr_factor,
+                    max(total_steps - opt.warmup_steps, 1),
+                ),
+            ],
+            [max(opt.warmup_steps, 1)],
+        )
+    )
+    drop_frozen = optax.multi_transform(
+        {"frozen": optax.set_to_zero(), "query_encoder": optax.identity(),
+         "generator": optax.identity()},
+        labels,
+    )  # fmt: skip
+    tx = optax.chain(
+        drop_frozen,  # frozen parameters' gradients count in no norm and no moment
+        optax.clip_by_global_norm(opt.max_grad_norm),
+        optax.adamw(schedule, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay),
+        # Each module its own fraction of the schedule: a pretrained query encoder may want a
+        # smaller step than a generator trained afresh, or a generator that already reads well
+        # a smaller step than the retriever (0 freezes a module).
+        optax.multi_transform(
+            {
+                "query_encoder": optax.scale(opt.get("query_encoder_lr_factor", 1.0)),
+                "generator": optax.scale(opt.get("generator_lr_factor", 1.0)),
+                "frozen": optax.set_to_zero(),  # AdamW's weight decay would move them
+            },
+            labels,
+        ),
+    )
+    tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_consecutive_nonfinite)
+    if opt.grad_accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
+    return tx, schedule
+
+
+def skipped_updates(opt_state) -> int:
+    """Total non-finite updates that optax.apply_if_finite skipped."""
+    for leaf in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    ):
+        if isinstance(leaf, optax.ApplyIfFiniteState):
+            return int(leaf.total_notfinite)
+    return 0

@@ -181,7 +181,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     with checkpoints.manager(workdir, config) as manager, retriever:
         step, position, snapshot = 0, DataPosition(), retriever.snapshot(model)
         if manager.latest_step() is not None:
-            step, position, snapshot = checkpoints.restore(manager, model, optimizer, snapshot=snapshot)
+            step, position, snapshot = checkpoints.restore(
+                manager, model, optimizer, snapshot=snapshot
+            )
             log.info(
                 "resumed from step %d (epoch %d, example %d)", step, position.epoch, position.index
             )

@@ -22,7 +22,7 @@ size 1 is greedy decoding.
 
 Two differences from transformers' RAG-Sequence ``generate`` are deliberate: the prior
 ``p(z|x)`` is counted once per sequence (eq. 1; transformers adds it at the second target
-position, so drops it for a one-token answer), and padded context positions are masked in the
+position, so drops it for a y of a single token), and padded context positions are masked in the
 per-document beams (transformers 5 passes no attention mask there and reads the pads).
 
 Every entry point refuses a question without any document (all doc scores ``-inf``) with a

@@ -12,9 +12,21 @@ size 1 is greedy decoding.
   with B x W x K decoder streams; the encoder runs once per (question, document).
 * RAG-Sequence "thorough": a beam search per (question, document), the union of hypotheses
   without duplicates, every hypothesis scored on every document (chunked) and ranked by
-  ``log p(y|x) = log Σ_z p(z|x) p(y|x,z)`` (eq. 1).
-* RAG-Sequence "fast": no extra forward passes; ``p(y|x,z) ≈ 0`` for a hypothesis that beam
-  search did not produce from document z.
+  ``log p(y|x) = log Σ_z p(z|x) p(y|x,z)`` (eq. 1), as transformers'
+  ``RagSequenceForGeneration.generate`` rescores them: a forced EOS is part of y and scored
+  with the model's probability, a forced BOS is left out (its ``exclude_bos_score``).
+* RAG-Sequence "fast" (no transformers counterpart): the same candidates, no extra forward
+  passes: ``p(y|x,z)`` is the beam score with which document z's beam search produced y
+  (``Σ log p``, a forced token counted as probability 1, as beam search scores it), and
+  ``p(y|x,z) = 0`` for a document whose beams did not produce y.
+
+Two differences from transformers' RAG-Sequence ``generate`` are deliberate: the prior
+``p(z|x)`` is counted once per sequence (eq. 1; transformers adds it at the second target
+position, so drops it for a y of a single token), and padded context positions are masked in the
+per-document beams (transformers 5 passes no attention mask there and reads the pads).
+
+Every entry point refuses a question without any document (all doc scores ``-inf``) with a
+ValueError before compiling anything: there is no distribution to decode from.
 
 Shapes: B questions, K documents per question, W beams, S source length, M maximum output
 length (including the decoder start token), V vocabulary, C candidates per question.
@@ -225,14 +237,19 @@ def _encode(generator: Bart, context_ids: Array, context_mask: Array):
 
 def check_documents(doc_scores: Array) -> None:
     """Raises ValueError naming the questions without any document (all scores ``-inf``):
-    decoding them has no distribution to follow."""
+    decoding them has no distribution to follow.
+
+    ``doc_scores``: ``(B, K)``. Needs concrete values: called on a tracer (inside a caller's
+    own ``jit``) it checks nothing; the decode entry points call it before they trace.
+    """
+    if isinstance(doc_scores, jax.core.Tracer):
+        return
     has_docs = has_documents(jnp.asarray(doc_scores))
     if not bool(jnp.all(has_docs)):
         missing = [int(i) for i in jnp.nonzero(~has_docs)[0]]
         raise ValueError(f"questions {missing} have no document (every doc_score is -inf)")
 
 
-@functools.partial(nnx.jit, static_argnames="config")
 def rag_token_generate(
     generator: Bart,
     context_ids: Array,
@@ -252,7 +269,16 @@ def rag_token_generate(
       ``(sequences (B, W, M), scores (B, W), log_likelihoods (B, W))`` as :func:`beam_search`;
       a log-likelihood is the RAG-Token ``log p(y|x)`` (eq. 2) of its sequence, with a forced
       BOS or EOS counted as probability 1.
+
+    Raises:
+      ValueError: a question without any document (:func:`check_documents`).
     """
+    check_documents(doc_scores)
+    return _rag_token_generate(generator, context_ids, context_mask, doc_scores, config=config)
+
+
+@functools.partial(nnx.jit, static_argnames="config")
+def _rag_token_generate(generator, context_ids, context_mask, doc_scores, config):
     B, K, _ = context_ids.shape
     W = config.beam_size
     memory = _encode(generator, context_ids, context_mask)  # rows (b, k)
@@ -293,16 +319,15 @@ def _per_document_beams(generator: Bart, memory, n_rows: int, config: DecodeConf
 
 def _target_mask(sequences: Array, config: DecodeConfig) -> Array:
     """``(..., M) -> (..., M-1)``: the scored positions of ``sequences[..., 1:]``: up to and
-    including the first EOS; a forced BOS or EOS is excluded (probability 1 by construction,
-    as transformers' ``exclude_bos_score``)."""
+    including the first EOS, a forced EOS included (transformers' rescoring scores it with the
+    model's probability); a forced BOS is excluded, as transformers' ``exclude_bos_score``
+    leaves out a first token equal to BOS (with BART's forced BOS, the BOS token, the same)."""
     targets = sequences[..., 1:]
     is_eos = targets == config.eos_token
     before_eos = jnp.cumsum(is_eos, axis=-1) - is_eos == 0  # positions up to the first EOS
     mask = before_eos & (targets != config.pad_token)
     if config.forced_bos_token is not None:
         mask = mask.at[..., 0].set(False)
-    if config.forced_eos_token is not None:
-        mask = mask.at[..., config.max_length - 2].set(False)
     return mask
 
 
@@ -332,8 +357,12 @@ def score_candidates(
         ``B·chunk·K·M·V`` logits).
 
     Returns:
-      ``(B, C)`` float32 log-likelihoods.
+      ``(B, C)`` float32 log-likelihoods; the scored positions are :func:`_target_mask`'s.
+
+    Raises:
+      ValueError: a question without any document (:func:`check_documents`).
     """
+    check_documents(doc_scores)
     B, C, M = candidates.shape
     K = doc_scores.shape[1]
     doc_lp = doc_log_probs(doc_scores)  # (B, K)
@@ -360,7 +389,6 @@ def score_candidates(
     return scores.transpose(1, 0, 2).reshape(B, -1)[:, :C]
 
 
-@functools.partial(nnx.jit, static_argnames=("config", "mode", "n_return", "chunk"))
 def rag_sequence_generate(
     generator: Bart,
     context_ids: Array,
@@ -382,10 +410,35 @@ def rag_sequence_generate(
 
     Returns:
       ``(sequences (B, n_return, M), log_likelihoods (B, n_return))``, best first.
-      "thorough": the RAG-Sequence ``log p(y|x)`` of each output; "fast": its approximation
-      with ``p(y|x,z) = 0`` for documents whose beams did not produce y. Duplicates of a
-      hypothesis (found from several documents) count once.
+      "thorough": the RAG-Sequence ``log p(y|x)`` of each output (eq. 1, a forced EOS scored,
+      a forced BOS not); "fast": ``log Σ_z p(z|x) exp(beam score of y from z)`` over the
+      documents z whose beams produced y (module docstring). Duplicates of a hypothesis
+      (found from several documents) count once; slots beyond the distinct hypotheses have
+      log-likelihood ``-inf``.
+
+    Raises:
+      ValueError: a question without any document (:func:`check_documents`), or an unknown
+        ``mode``.
     """
+    if mode not in ("thorough", "fast"):
+        raise ValueError(f"mode must be 'thorough' or 'fast', got {mode!r}")
+    check_documents(doc_scores)
+    return _rag_sequence_generate(
+        generator,
+        context_ids,
+        context_mask,
+        doc_scores,
+        config=config,
+        mode=mode,
+        n_return=n_return,
+        chunk=chunk,
+    )
+
+
+@functools.partial(nnx.jit, static_argnames=("config", "mode", "n_return", "chunk"))
+def _rag_sequence_generate(
+    generator, context_ids, context_mask, doc_scores, config, mode, n_return, chunk
+):
     B, K, _ = context_ids.shape
     W, M = config.beam_size, config.max_length
     memory = _encode(generator, context_ids, context_mask)  # rows (b, k)

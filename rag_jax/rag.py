@@ -38,6 +38,7 @@ from rag_jax.models import (
     save_bert_encoder,
     save_hf_checkpoint,
 )
+from rag_jax.models.hf_bart import generation_config_dict
 
 Array = jax.Array
 MARGINALIZATIONS = ("sequence", "token", "closed_book")
@@ -197,11 +198,14 @@ def load_rag(
       question_encoder_dir, generator_dir: instead of ``checkpoint_dir``, a DPR question
         encoder (or BERT / sentence-transformers) directory and a BART directory.
       config: the RagConfig; default: the one :func:`save_rag` stored, else RagConfig with
-        ``n_docs`` etc. read from the RAG config.json when present.
+        ``n_docs`` etc. read from the RAG config.json when present, and the marginalization
+        from its ``architectures`` (``RagTokenForGeneration`` -> "token",
+        ``RagSequenceForGeneration`` -> "sequence"; neither: RagConfig's default).
       dtype: compute dtype (parameters stay float32); remat: per-layer rematerialisation.
 
     Raises:
-      ValueError: neither or both of ``checkpoint_dir`` and the two directories given.
+      ValueError: neither or both of ``checkpoint_dir`` and the two directories given; a
+        config.json whose ``architectures`` name both RAG-Token and RAG-Sequence.
       FileNotFoundError, CheckpointError: as the model loaders raise them.
     """
     if (checkpoint_dir is None) == (question_encoder_dir is None or generator_dir is None):
@@ -233,7 +237,25 @@ def _read_rag_config(checkpoint_dir: Path) -> RagConfig:
         "label_smoothing": "label_smoothing",
     }
     known = {ours: hf_config[theirs] for ours, theirs in fields.items() if theirs in hf_config}
+    marginalization = _marginalization_of(hf_config.get("architectures"), checkpoint_dir)
+    if marginalization is not None:
+        known["marginalization"] = marginalization
     return RagConfig(**known)
+
+
+_ARCHITECTURES = {"RagTokenForGeneration": "token", "RagSequenceForGeneration": "sequence"}
+
+
+def _marginalization_of(architectures, checkpoint_dir: Path) -> str | None:
+    """ "token" / "sequence" from transformers' ``architectures`` list; None if it names
+    neither (e.g. a bare ``RagModel``)."""
+    found = {_ARCHITECTURES[a] for a in architectures or () if a in _ARCHITECTURES}
+    if len(found) > 1:
+        raise ValueError(
+            f"{checkpoint_dir / 'config.json'}: architectures {architectures} name both "
+            "RAG-Token and RAG-Sequence; pass config=RagConfig(marginalization=...)"
+        )
+    return found.pop() if found else None
 
 
 def save_rag(model: RagModel, checkpoint_dir: str | os.PathLike) -> None:
@@ -267,5 +289,11 @@ def save_rag(model: RagModel, checkpoint_dir: str | os.PathLike) -> None:
         "doc_sep": config.doc_sep,
         "label_smoothing": config.label_smoothing,
     }
-    extra_files = {_RAG_CONFIG_FILE: json.dumps(dataclasses.asdict(config), indent=2) + "\n"}
+    # The generator's generation settings at the top, where transformers' RagTokenForGeneration
+    # reads them (and where a stale file of an existing directory would otherwise survive).
+    generation = generation_config_dict(model.generator.config)
+    extra_files = {
+        _RAG_CONFIG_FILE: json.dumps(dataclasses.asdict(config), indent=2) + "\n",
+        "generation_config.json": json.dumps(generation, indent=2, sort_keys=True) + "\n",
+    }
     save_hf_checkpoint(checkpoint_dir, state_dict, hf_config, extra_files=extra_files)

@@ -1,6 +1,8 @@
 """RagModel against transformers' RagSequenceForGeneration / RagTokenForGeneration: the same
 random DPR question encoder and BART, the same retrieved passages and document vectors."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -153,3 +155,33 @@ def test_doc_score_scale_sharpens_the_prior(torch_parts):
                      config=RagConfig(n_docs=K))  # fmt: skip
     np.testing.assert_allclose(model.doc_scores(batch), 20.0 * plain.doc_scores(batch), rtol=1e-5)
     np.testing.assert_allclose(model(batch)[0], plain(scaled_vectors)[0], rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "cls, marginalization",
+    [
+        (transformers.RagTokenForGeneration, "token"),
+        (transformers.RagSequenceForGeneration, "sequence"),
+    ],
+)
+def test_load_rag_reads_the_marginalization_from_architectures(
+    torch_parts, tmp_path, cls, marginalization
+):
+    """A checkpoint as transformers' save_pretrained writes it (the facebook/rag-token-nq /
+    rag-sequence-nq layout, no rag_jax_config.json): its architectures decide."""
+    _, question_encoder, generator = torch_parts
+    config = transformers.RagConfig.from_question_encoder_generator_configs(
+        question_encoder.config, generator.config, n_docs=K
+    )
+    cls(config, question_encoder=question_encoder, generator=generator).save_pretrained(
+        tmp_path / "rag"
+    )
+    saved = json.loads((tmp_path / "rag" / "config.json").read_text())
+    assert saved["architectures"] == [cls.__name__]
+    assert not (tmp_path / "rag" / "rag_jax_config.json").exists()
+    model = load_rag(tmp_path / "rag")
+    assert model.config.marginalization == marginalization and model.config.n_docs == K
+    saved["architectures"] = ["RagTokenForGeneration", "RagSequenceForGeneration"]
+    (tmp_path / "rag" / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"config\.json: architectures .* name both"):
+        load_rag(tmp_path / "rag")

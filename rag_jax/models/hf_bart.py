@@ -10,8 +10,10 @@ vocabulary.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,7 @@ from rag_jax.models.hf_io import (
     assign_params,
     module_params,
     param_paths,
+    read_generation_config,
     read_hf_config,
     read_state_dict,
     save_hf_checkpoint,
@@ -75,6 +78,50 @@ def _untie(state_dict: dict[str, np.ndarray], source: str) -> dict[str, np.ndarr
     return state_dict
 
 
+# BartConfig fields that are generation settings in transformers: the forced tokens, and the
+# special tokens decoding starts, stops and pads with.
+_FORCED_TOKENS = ("forced_bos_token_id", "forced_eos_token_id")
+_SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+
+
+def with_generation_config(
+    hf_config: dict[str, Any], generation: dict[str, Any] | None, source: str
+) -> dict[str, Any]:
+    """``hf_config`` (config.json's BART dict) with transformers' generation settings applied.
+
+    transformers 5 generates from ``generation_config.json`` alone when a checkpoint has one
+    (``GenerationMixin.adjust_generation_fn``), else from the non-null entries of the raw
+    ``config.json``: so a forced BOS / EOS comes from the generation file when it exists (a key
+    absent there is off, whatever config.json says), else from config.json (absent: off, not
+    BartConfig's default). The special tokens (bos, eos, pad, decoder start) are taken from the
+    generation file where it sets them and kept from config.json otherwise (transformers would
+    leave them unset, i.e. decode without EOS; no real checkpoint's file lacks them).
+
+    Raises:
+      CheckpointError: a generation value that is not an int, a list of ints or null, naming
+        ``source``.
+    """
+    chosen = hf_config if generation is None else generation
+    settings = {name: chosen.get(name) for name in _FORCED_TOKENS}
+    if generation is not None:
+        settings |= {k: generation[k] for k in _SPECIAL_TOKENS if generation.get(k) is not None}
+    for name, value in settings.items():
+        values = value if isinstance(value, list) else [value]
+        if not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
+            raise CheckpointError(f"{source}: {name} must be a token id or null, got {value!r}")
+    return {**hf_config, **settings}
+
+
+def generation_config_dict(config: BartConfig) -> dict[str, Any]:
+    """The ``generation_config.json`` dict transformers reads the same generation settings from
+    (its keys whose value is not null, as transformers writes them)."""
+    return {
+        name: getattr(config, name)
+        for name in (*_SPECIAL_TOKENS, *_FORCED_TOKENS)
+        if getattr(config, name) is not None
+    }
+
+
 # Config fields that must be > 0 (checked with their types when a checkpoint is loaded).
 _POSITIVE_FIELDS = (
     "vocab_size",
@@ -104,9 +151,11 @@ def load_bart(
 
     Args:
       checkpoint_dir: config.json plus model.safetensors (or pytorch_model.bin, read with
-        weights_only=True). A RAG checkpoint (model_type "rag", facebook/rag-sequence-nq
-        layout) loads its generator: config["generator"], weights under "generator." (or
-        "rag.generator.").
+        weights_only=True), and generation_config.json if any: transformers' generation
+        settings, read as transformers reads them (:func:`with_generation_config`) into the
+        config's forced and special tokens. A RAG checkpoint (model_type "rag",
+        facebook/rag-sequence-nq layout) loads its generator: config["generator"], weights
+        under "generator." (or "rag.generator."), the directory's generation_config.json.
       prefix: weight-name prefix to load from; default "generator." for RAG checkpoints.
       dtype: compute dtype (params are float32).
       remat: rematerialise each layer in the backward pass.
@@ -135,6 +184,11 @@ def load_bart(
             probabilities=("dropout", "attention_dropout", "activation_dropout"),
             skip=("eos_token_id", "forced_eos_token_id"),  # transformers allows a list there
         )
+    generation_path = Path(checkpoint_dir) / "generation_config.json"
+    generation = read_generation_config(checkpoint_dir)
+    hf_config = with_generation_config(
+        hf_config, generation, str(generation_path if generation is not None else config_path)
+    )
     try:
         config = BartConfig.from_hf_config(hf_config)
     except ValueError as error:
@@ -163,7 +217,15 @@ def load_bart(
 
 def save_bart(model: Bart, checkpoint_dir: str | os.PathLike) -> None:
     """Writes model.safetensors + config.json that transformers' from_pretrained loads as
-    (M)BartForConditionalGeneration with the same logits. Atomic: a failure leaves an existing
-    checkpoint in checkpoint_dir untouched.
+    (M)BartForConditionalGeneration with the same logits, and generation_config.json with the
+    forced and special tokens (which transformers 5 reads them from; it also replaces a stale
+    one of an existing directory). Atomic: a failure leaves an existing checkpoint in
+    checkpoint_dir untouched.
     """
-    save_hf_checkpoint(checkpoint_dir, hf_state_dict(model), model.config.to_hf_config())
+    generation = json.dumps(generation_config_dict(model.config), indent=2, sort_keys=True)
+    save_hf_checkpoint(
+        checkpoint_dir,
+        hf_state_dict(model),
+        model.config.to_hf_config(),
+        extra_files={"generation_config.json": generation + "\n"},
+    )

@@ -35,6 +35,7 @@ from rag_jax import _files
 from rag_jax.models import partitioning
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"  # transformers' generation settings
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 TORCH_NAME = "pytorch_model.bin"
@@ -82,6 +83,28 @@ def read_hf_config(checkpoint_dir: str | os.PathLike, part: str | None = None) -
             "sub-configs exist in RAG checkpoints only"
         )
     return config[part]
+
+
+def read_generation_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Reads ``generation_config.json`` of a checkpoint directory; None if it has none.
+
+    transformers (5.x) keeps generation settings (``forced_bos_token_id``,
+    ``forced_eos_token_id``, ...) there and, when the file exists, generates from it alone,
+    ignoring the same keys in ``config.json``.
+
+    Raises:
+      CheckpointError: the file is not a JSON object.
+    """
+    path = _existing_dir(checkpoint_dir) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{str(path)!r} is not valid JSON: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _load_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -1,11 +1,16 @@
 """Evaluates a trained RAG model on a QA file.
 
 ``python eval.py --config configs/X.py --workdir DIR --data qa.jsonl [--index DIR]
-[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only]``
+[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only] [--lenient]``
 (``--n_docs`` and ``--retrieval_only`` work too)
 
-Writes ``predictions.jsonl`` and ``metrics.json`` to ``--out`` (default
-``DIR/eval/<data file name>``); re-running resumes after the last question written.
+Writes ``eval_settings.json``, ``predictions.jsonl`` and ``metrics.json`` to ``--out``
+(default ``DIR/eval/<data file name>``). Re-running the same evaluation resumes after the
+last question written; a run whose settings, checkpoint step, index or data file differ from
+those recorded in ``eval_settings.json`` is refused with one line naming what differs (give
+it another ``--out``). ``--decode`` defaults to the model's marginalization: "token" for
+RAG-Token, "thorough" for RAG-Sequence. Scores: ``em``/``f1`` are SQuAD v1.1's,
+``recall@k`` DPR's ``has_answer``; ``--lenient`` adds the ``*_lenient`` scores beside them.
 """
 
 import json
@@ -18,19 +23,26 @@ from ml_collections import config_flags
 
 from rag_jax._cli import parse_flags
 from rag_jax.checkpoints import load_trained
-from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
+from rag_jax.data import read_qa
+from rag_jax.evaluation import EvalSettings, Evaluator, evaluate, latest_checkpoint_step
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
 flags.DEFINE_string("workdir", None, "The training workdir (its latest checkpoint is used).")
 flags.DEFINE_string("data", None, "QA file: JSONL / DPR json / TSV.")
 flags.DEFINE_string("index", None, "Another index directory to answer from (hot swap).")
-flags.DEFINE_enum("decode", "token", ["token", "thorough", "fast"], "Decoding mode.")
+flags.DEFINE_enum(
+    "decode", None, ["token", "thorough", "fast"],
+    "Decoding mode (default: token for RAG-Token, thorough for RAG-Sequence models).",
+)  # fmt: skip
 flags.DEFINE_integer("beams", 4, "Beam size (1: greedy).")
 flags.DEFINE_integer("n_docs", None, "Documents per question (default: the model's K).")
 flags.DEFINE_integer("max_length", 20, "Maximum generated tokens, start token included.")
 flags.DEFINE_integer("batch_size", 8, "Questions per batch.")
 flags.DEFINE_bool("retrieval_only", False, "Only retrieve and score recall@k.")
+flags.DEFINE_bool(
+    "lenient", False, "Also report lenient scores (*_lenient) beside SQuAD's and DPR's."
+)
 flags.DEFINE_string("out", None, "Output directory.")
 # The spellings of rag_jax.ask and of the issue's usage line, beside absl's underscores.
 flags.DEFINE_alias("n-docs", "n_docs")
@@ -47,8 +59,9 @@ def main(argv):
         settings = EvalSettings(
             decode=FLAGS.decode, beams=FLAGS.beams, n_docs=FLAGS.n_docs,
             max_length=FLAGS.max_length, batch_size=FLAGS.batch_size,
-            retrieval_only=FLAGS.retrieval_only,
+            retrieval_only=FLAGS.retrieval_only, lenient=FLAGS.lenient,
         )  # fmt: skip
+        read_qa(FLAGS.data)  # a missing, malformed or empty data file: refused before loading
         model, question_tokenizer, generator_tokenizer = load_trained(FLAGS.config, FLAGS.workdir)
         knowledge = None
         if not model.config.closed_book:
@@ -57,7 +70,11 @@ def main(argv):
             knowledge = KnowledgeSource(FLAGS.config.data.index)
             if FLAGS.index:
                 knowledge.swap(FLAGS.index)  # checked against the first index's encoder
-        evaluator = Evaluator(model, question_tokenizer, generator_tokenizer, knowledge, settings)
+        step = latest_checkpoint_step(FLAGS.workdir)  # the one load_trained restored
+        evaluator = Evaluator(
+            model, question_tokenizer, generator_tokenizer, knowledge, settings,
+            checkpoint_step=step,
+        )  # fmt: skip
         out = FLAGS.out or f"{FLAGS.workdir}/eval/{FLAGS.data.rsplit('/', 1)[-1]}"
         metrics = evaluate(evaluator, FLAGS.data, out, progress=True)
     except (ValueError, OSError) as error:  # bad input or files: one line, no traceback

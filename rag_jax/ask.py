@@ -22,7 +22,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--workdir", required=True, type=Path, help="a train.py workdir")
     parser.add_argument("--questions", type=Path, help='JSONL file, one {"question": ...} a line')
     parser.add_argument("--out", type=Path, help="where --questions' answers go (JSONL)")
-    parser.add_argument("--decode", choices=("token", "thorough", "fast"), default="thorough")
+    parser.add_argument(
+        "--decode",
+        choices=("token", "thorough", "fast"),
+        default=None,
+        help="default: token for RAG-Token, thorough for RAG-Sequence models",
+    )
     parser.add_argument("--beams", type=int, default=4)
     parser.add_argument("--n-docs", type=int, default=None, help="documents read (default: K)")
     parser.add_argument("--show", type=int, default=3, help="passages printed per answer")
@@ -45,6 +50,8 @@ def _read_questions(path: Path) -> list[str]:
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"{path}:{line_no}: 'question' must be a non-empty string")
             questions.append(question)
+    if not questions:
+        raise ValueError(f"{path}: no questions")
     return questions
 
 
@@ -93,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if (args.question is None) == (args.questions is None):
         _parser().error("give a question or --questions FILE (one of the two)")
     try:
+        if args.question is not None and not args.question.strip():
+            raise ValueError("the question must be a non-empty string")
         questions = _read_questions(args.questions) if args.questions else [args.question]
         evaluator = _load(args)
         # Written beside --out and renamed at the end: never a half-written answers file.

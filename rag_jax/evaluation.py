@@ -2,21 +2,23 @@
 
 ``eval.py`` is a thin wrapper around :func:`evaluate`. Predictions stream to a JSONL file a
 batch at a time (memory does not grow with the evaluation file), and an interrupted run
-resumes after the last question written. Metrics follow SQuAD / DPR: answers are normalised
-(:func:`normalize_answer`), exact match and F1 take the maximum over the gold answers, and
-retrieval recall@k counts a question when a gold answer's tokens occur in one of its top-k
-passages (DPR's ``has_answer``).
+resumes after the last question written, but only into the same evaluation: the settings,
+checkpoint step, index and data file are recorded in ``eval_settings.json`` beside the
+predictions, and a run with any of them different is refused, naming what differs.
+
+Scores are the literature's (:mod:`rag_jax.metrics`): ``em`` and ``f1`` are SQuAD v1.1's
+(``evaluate-v1.1.py``, the maximum over the gold answers), ``recall@k`` is DPR's
+``has_answer`` (string match on the passage text). ``EvalSettings(lenient=True)`` adds
+``em_lenient``, ``f1_lenient`` and ``recall@k_lenient`` beside them, never instead.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
-import re
-import string
 import time
-import unicodedata
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -27,62 +29,35 @@ from flax import nnx
 
 from rag_jax import decode
 from rag_jax.data import QAExample, read_qa
-from rag_jax.rag import RagModel, embed_questions
+from rag_jax.metrics import (  # re-exported: the evaluation's metrics, as callers import them
+    DEFINITIONS,
+    RECALL_AT,
+    exact_match,
+    f1,
+    has_answer,
+    normalize_answer,
+    score_keys,
+    score_record,
+)
+from rag_jax.rag import RagConfig, RagModel, embed_questions
 from rag_jax.tokenization import tokenize_contexts, tokenize_questions
 
-RECALL_AT = (1, 5, 10, 20)
+__all__ = [
+    "DECODE_MODES",
+    "RECALL_AT",
+    "EvalSettings",
+    "Evaluator",
+    "default_decode",
+    "evaluate",
+    "exact_match",
+    "f1",
+    "has_answer",
+    "latest_checkpoint_step",
+    "normalize_answer",
+    "score_record",
+]
+
 DECODE_MODES = ("token", "thorough", "fast")
-
-# --------------------------------------------------------------------------------------
-# Answer normalisation and metrics
-# --------------------------------------------------------------------------------------
-
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-
-
-def normalize_answer(text: str) -> str:
-    """SQuAD's normalisation, made unicode-aware: NFKC, lower case, punctuation (ASCII and
-    any unicode punctuation) deleted, the articles a/an/the removed, whitespace collapsed."""
-    text = unicodedata.normalize("NFKC", text).lower()
-    text = "".join(
-        ch
-        for ch in text
-        if ch not in string.punctuation and not unicodedata.category(ch).startswith("P")
-    )
-    return " ".join(_ARTICLES.sub(" ", text).split())
-
-
-def exact_match(prediction: str, answers: Sequence[str]) -> float:
-    """1.0 if the normalised prediction equals a normalised gold answer, else 0.0."""
-    prediction = normalize_answer(prediction)
-    return float(any(prediction == normalize_answer(answer) for answer in answers))
-
-
-def token_f1(prediction: str, answers: Sequence[str]) -> float:
-    """SQuAD token F1 between normalised prediction and answer, the best over the answers."""
-    best = 0.0
-    predicted = normalize_answer(prediction).split()
-    for answer in answers:
-        gold = normalize_answer(answer).split()
-        common = sum((collections.Counter(predicted) & collections.Counter(gold)).values())
-        if not predicted or not gold:
-            best = max(best, float(predicted == gold))
-        elif common:
-            precision, recall = common / len(predicted), common / len(gold)
-            best = max(best, 2 * precision * recall / (precision + recall))
-    return best
-
-
-def has_answer(passage: str, answers: Sequence[str]) -> bool:
-    """DPR's ``has_answer`` (string mode): an answer's normalised token sequence occurs in
-    the normalised passage."""
-    tokens = normalize_answer(passage).split()
-    for answer in answers:
-        needle = normalize_answer(answer).split()
-        n = len(needle)
-        if n and any(tokens[i : i + n] == needle for i in range(len(tokens) - n + 1)):
-            return True
-    return False
 
 
 # --------------------------------------------------------------------------------------
@@ -90,17 +65,36 @@ def has_answer(passage: str, answers: Sequence[str]) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+def default_decode(config: RagConfig) -> str:
+    """The decoding that follows the model's training: "token" for RAG-Token (and closed-book
+    models, which have one document), "thorough" (eq. 1 of the paper) for RAG-Sequence."""
+    return "thorough" if config.marginalization == "sequence" else "token"
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    decode: str = "token"  # "token", "thorough" or "fast"
+    """How to evaluate.
+
+    Attributes:
+      decode: "token", "thorough" or "fast"; None follows the model (:func:`default_decode`).
+      beams: W, the beam size (1: greedy).
+      n_docs: K, documents the generator reads; None: the model's K.
+      max_length: generated tokens, start token included.
+      batch_size: questions per batch (does not change the results).
+      retrieval_only: retrieve and score recall@k only.
+      lenient: also report the lenient scores (``*_lenient``) beside the strict ones.
+    """
+
+    decode: str | None = None
     beams: int = 4
-    n_docs: int | None = None  # documents the generator reads; default the model's K
-    max_length: int = 20  # generated tokens, start token included
+    n_docs: int | None = None
+    max_length: int = 20
     batch_size: int = 8
     retrieval_only: bool = False
+    lenient: bool = False
 
     def __post_init__(self):
-        if self.decode not in DECODE_MODES:
+        if self.decode is not None and self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         for name in ("beams", "max_length", "batch_size"):
             if getattr(self, name) < 1:
@@ -121,7 +115,14 @@ class Evaluator:
       model: the RagModel; question_tokenizer, generator_tokenizer: its tokenizers.
       knowledge: a :class:`rag_jax.index.KnowledgeSource` (None for closed-book models);
         ``knowledge.swap(dir)`` changes what the model knows without retraining.
-      settings: EvalSettings.
+      settings: EvalSettings. ``self.settings`` holds them resolved: ``decode`` the mode
+        actually used (the model's default for None; "token" for a closed-book model, whose
+        one document makes the modes equal), ``n_docs`` the K actually read.
+      checkpoint_step: the training step of the model's checkpoint, recorded with the
+        predictions so that a resume never mixes two checkpoints (None: unknown).
+
+    Raises:
+      ValueError: n_docs larger than the index.
     """
 
     def __init__(
@@ -131,24 +132,63 @@ class Evaluator:
         generator_tokenizer,
         knowledge,
         settings: EvalSettings,
+        *,
+        checkpoint_step: int | None = None,
     ):
         self.model = model
         self.question_tokenizer = question_tokenizer
         self.generator_tokenizer = generator_tokenizer
         self.knowledge = knowledge
-        self.settings = settings
+        self.checkpoint_step = checkpoint_step
         self.n_docs = settings.n_docs or model.config.n_docs
         if knowledge is not None and self.n_docs > knowledge.manifest.count:
             n_passages = knowledge.manifest.count
             raise ValueError(
                 f"n_docs {self.n_docs} is larger than the index's {n_passages} passages"
             )
+        if model.config.closed_book or settings.decode is None:
+            settings = dataclasses.replace(settings, decode=default_decode(model.config))
+        self.settings = dataclasses.replace(settings, n_docs=self.n_docs)
         self.decode_config = decode.DecodeConfig.from_generator(
             model.generator.config, beam_size=settings.beams, max_length=settings.max_length
         )
 
+    def identity(self, data: str | Path) -> dict:
+        """What makes an evaluation's predictions on ``data`` what they are (JSON-ready):
+        the resolved settings but batch_size, the model's marginalization and checkpoint
+        step, the index (path and manifest identity) and the data file (path, bytes,
+        SHA-256)."""
+        settings = dataclasses.asdict(self.settings)
+        del settings["batch_size"]  # changes speed, not predictions
+        index = None
+        if self.knowledge is not None:
+            manifest = self.knowledge.manifest
+            index = {
+                "path": str(Path(self.knowledge.path).resolve()),
+                **{
+                    key: getattr(manifest, key)
+                    for key in ("corpus_sha256", "encoder_sha256", "count", "backend", "created")
+                },
+            }
+        return {
+            **settings,
+            "marginalization": self.model.config.marginalization,
+            "checkpoint_step": self.checkpoint_step,
+            "index": index,
+            "data": _file_identity(Path(data)),
+        }
+
     def answer(self, questions: Sequence[str]) -> list[dict]:
-        """One record per question: prediction, retrieved ids, titles, p(z|x) (and texts)."""
+        """One record per question: prediction, retrieved ids, titles, p(z|x) (and texts).
+
+        Raises:
+          ValueError: a question is empty or blank (naming its position in ``questions``).
+        """
+        if isinstance(questions, str):
+            raise TypeError("questions must be a sequence of strings, not one string")
+        for i, question in enumerate(questions):
+            if not isinstance(question, str) or not question.strip():
+                raise ValueError(f"question {i} must be a non-empty string, got {question!r}")
         config = self.model.config
         q = tokenize_questions(self.question_tokenizer, questions, config.max_question_length)
         records = [{"question": question} for question in questions]
@@ -215,7 +255,7 @@ class Evaluator:
 
     def _decode(self, context_ids, context_mask, doc_scores):
         generator, config = self.model.generator, self.decode_config
-        if self.settings.decode == "token" or self.model.config.closed_book:
+        if self.settings.decode == "token":
             sequences, _, lls = decode.rag_token_generate(
                 generator, context_ids, context_mask, doc_scores, config
             )
@@ -226,45 +266,46 @@ class Evaluator:
         return sequences[:, 0], lls[:, 0]
 
 
-def score_record(
-    record: dict, answers: Sequence[str], answers_as_written: Sequence[str] = ()
-) -> dict:
-    """Per-question metrics: em, f1 (if a prediction exists), hit@k (if passages exist).
+SETTINGS_FILE = "eval_settings.json"
 
-    ``answers_as_written``: the gold answers as the generator's tokenizer writes them
-    (:meth:`Evaluator.as_written`), also accepted by em and f1; recall uses ``answers``.
-    """
-    scores = {}
-    if "prediction" in record:
-        accepted = [*answers, *answers_as_written]
-        scores["em"] = exact_match(record["prediction"], accepted)
-        scores["f1"] = token_f1(record["prediction"], accepted)
-    if "texts" in record:
-        hits = [
-            has_answer(f"{title} {text}", answers)
-            for title, text in zip(record["titles"], record["texts"], strict=True)
-        ]
-        for k in RECALL_AT:
-            scores[f"recall@{k}"] = float(any(hits[:k]))
-    return scores
+
+def latest_checkpoint_step(workdir: str | Path) -> int | None:
+    """The latest finished checkpoint step in ``workdir/checkpoints`` (orbax names a step's
+    directory by the bare integer; unfinished ones carry a suffix), or None if there is none."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return None
+    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(steps, default=None)
 
 
 def evaluate(
     evaluator: Evaluator, data: str | Path, out_dir: str | Path, *, progress: bool = True
 ) -> dict:
-    """Answers every question of ``data``, writing ``predictions.jsonl`` and ``metrics.json``.
+    """Answers every question of ``data``, writing ``eval_settings.json`` (the evaluation's
+    :meth:`Evaluator.identity`), ``predictions.jsonl`` and ``metrics.json`` to ``out_dir``.
 
-    Resumable: questions already in ``out_dir/predictions.jsonl`` (a previous, interrupted
-    run with the same data) are not redone. Returns the metrics.
+    Resumable: questions already in ``out_dir/predictions.jsonl`` (an interrupted run of the
+    same evaluation) are not redone. Returns the metrics: the means of the per-question
+    scores (:func:`rag_jax.metrics.score_record`), their ``definitions``, and the settings.
+
+    Raises:
+      ValueError: ``out_dir`` holds another evaluation (its ``eval_settings.json`` differs:
+        the message names the fields), or predictions without ``eval_settings.json``, or
+        answers to other questions; a malformed or empty data file. Nothing is written then.
     """
     from tqdm.auto import tqdm
 
     examples, _ = read_qa(data)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    identity = json.loads(json.dumps(evaluator.identity(data)))  # as it reads back from JSON
     predictions = out_dir / "predictions.jsonl"
+    _check_same_evaluation(out_dir, identity)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(out_dir / SETTINGS_FILE, identity)
     done = _finished_questions(predictions, examples)
     todo = examples[done:]
+    lenient = evaluator.settings.lenient
     start = time.perf_counter()
     with (
         predictions.open("a") as f,
@@ -275,26 +316,88 @@ def evaluate(
                 evaluator.answer([e.question for e in batch]), batch, strict=True
             ):
                 record["answers"] = list(example.answers)
-                written = evaluator.as_written(example.answers)
-                record.update(score_record(record, example.answers, written))
+                written = evaluator.as_written(example.answers) if lenient else ()
+                record.update(score_record(record, example.answers, written, lenient=lenient))
                 record.pop("texts", None)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             bar.update(len(batch))
     seconds = time.perf_counter() - start
-    metrics = _aggregate(predictions)
+    metrics = _aggregate(predictions, score_keys(lenient))
     metrics.update(
+        definitions={key: DEFINITIONS[_generic(key)] for key in metrics},
         n_questions=len(examples),
         questions_per_second=len(todo) / seconds if todo and seconds > 0 else None,
         decode=evaluator.settings.decode,
         beams=evaluator.settings.beams,
         n_docs=evaluator.n_docs,
+        lenient=lenient,
+        checkpoint_step=evaluator.checkpoint_step,
         index=str(evaluator.knowledge.path) if evaluator.knowledge is not None else None,
     )
-    tmp = out_dir / "metrics.json.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    tmp.replace(out_dir / "metrics.json")
+    _write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _generic(key: str) -> str:
+    """ "recall@5_lenient" -> "recall@k_lenient": the key of its definition."""
+    if key.startswith("recall@"):
+        return "recall@k" + ("_lenient" if key.endswith("_lenient") else "")
+    return key
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def _file_identity(path: Path) -> dict:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {
+        "path": str(path.resolve()),
+        "bytes": path.stat().st_size,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def _flatten(value: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, item in value.items():
+        if isinstance(item, dict):
+            flat.update(_flatten(item, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = item
+    return flat
+
+
+def _check_same_evaluation(out_dir: Path, identity: dict) -> None:
+    """Raises ValueError, one line naming what differs, unless ``out_dir`` is new or holds
+    the evaluation ``identity`` describes."""
+    record = out_dir / SETTINGS_FILE
+    if not record.exists():
+        if (out_dir / "predictions.jsonl").exists():
+            raise ValueError(
+                f"{out_dir / 'predictions.jsonl'} has no {SETTINGS_FILE} beside it (written by "
+                "an earlier version?): its settings are unknown; use another output directory"
+            )
+        return
+    try:
+        saved = json.loads(record.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{record} is not JSON ({error}); use another output directory") from None
+    saved, now = _flatten(saved), _flatten(identity)
+    differing = [key for key in {**saved, **now} if saved.get(key) != now.get(key)]
+    if differing:
+        changes = "; ".join(
+            f"{key} {saved.get(key)!r} there, {now.get(key)!r} now" for key in differing
+        )
+        raise ValueError(
+            f"{out_dir} holds another evaluation ({changes}); use another output directory"
+        )
 
 
 def _finished_questions(predictions: Path, examples: list[QAExample]) -> int:
@@ -321,13 +424,14 @@ def _finished_questions(predictions: Path, examples: list[QAExample]) -> int:
     return n
 
 
-def _aggregate(predictions: Path) -> dict:
+def _aggregate(predictions: Path, keys: Sequence[str]) -> dict:
+    """The mean of each score in ``keys`` over the records of ``predictions`` having it."""
     totals, counts = collections.Counter(), collections.Counter()
     with predictions.open() as f:
         for line in f:
             record = json.loads(line)
-            for key in ("em", "f1", *(f"recall@{k}" for k in RECALL_AT)):
+            for key in keys:
                 if key in record:
                     totals[key] += record[key]
                     counts[key] += 1
-    return {key: totals[key] / counts[key] for key in totals}
+    return {key: totals[key] / counts[key] for key in keys if counts[key]}

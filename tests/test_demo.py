@@ -75,3 +75,23 @@ def test_demo_learns_and_rag_beats_closed_book_on_unseen_entities(demo):
     assert sum(old_after) <= 0.1 * len(old_after)
     assert (demo / "demo.png").stat().st_size > 10_000
     assert "Exact match (test), RAG-Sequence" in (demo / "results.md").read_text()
+
+
+def test_overrides_are_typed_checked_and_name_the_run(tmp_path):
+    """--warmup-config values take their field's type (as train.py's --config.KEY=VALUE); a
+    misspelled key fails before anything is written; a changed setting is a new run name."""
+    from examples.wiki import run
+
+    config = run.warmup_config_for(tmp_path, 7, ["optimizer.learning_rate=2e-3"])
+    assert config.optimizer.learning_rate == 0.002 and config.train_steps == 7
+    assert config.data.train == str(tmp_path / "data" / "warmup.jsonl")
+    other = run.warmup_config_for(tmp_path, 7, ["optimizer.learning_rate=1e-3"])
+    assert run.run_name("warmup", config) != run.run_name("warmup", other)
+    assert run.run_name("warmup", config) == run.run_name(
+        "warmup", run.warmup_config_for(tmp_path, 7, ["optimizer.learning_rate=0.002"])
+    )
+    with pytest.raises(ValueError, match="lerning_rate"):
+        run.main(["--workdir", str(tmp_path / "w"), "--warmup-config", "optimizer.lerning_rate=1"])
+    with pytest.raises(ValueError, match="could not convert"):
+        run.main(["--workdir", str(tmp_path / "w"), "--warmup-config", "optimizer.b2=high"])
+    assert not (tmp_path / "w").exists()

@@ -72,8 +72,9 @@ def with_overrides(
         config_flags.DEFINE_config_dict("config", config, flag_values=parsed, sys_argv=argv)
         parsed(argv)
     except (AttributeError, KeyError, TypeError, absl_flags.Error) as error:
-        message = " ".join(str(error).replace("\\n", " ").split())
-        raise ValueError(f"config override {message}") from None
+        message = str(error).replace("\\n", " ").replace("'", "").replace("\\", "")
+        message = " ".join(message.split())  # ml_collections' repr of a KeyError, on one line
+        raise ValueError(f"a config override failed: {message}") from None
     return parsed.config
 
 

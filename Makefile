@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) examples/wiki_demo.py
+	$(PY) -m examples.wiki.run
 
 course: $(VENV)/.installed
 	$(PY) examples/course_example.py

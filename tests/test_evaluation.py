@@ -149,8 +149,7 @@ def test_eval_end_to_end_resumes_and_refuses_a_bad_index(toy_world, tmp_path, ca
     from rag_jax.evaluation import EvalSettings, Evaluator, evaluate, latest_checkpoint_step
     from rag_jax.index import KnowledgeSource
     from rag_jax.training import train
-    from tests.test_training import tiny_config
-    from tests.toy import FACTS
+    from tests.toy import FACTS, tiny_config
 
     root = Path(__file__).resolve().parents[1]
     toy = toy_world  # read only: the renamed index below goes to tmp_path

@@ -15,8 +15,7 @@ from rag_jax.export import ExportError, export, load_exported, main
 from rag_jax.models.inputs import tokenizer_sha256
 from rag_jax.rag import RagBatch
 from rag_jax.training import train
-from tests.test_training import tiny_config
-from tests.toy import FACTS
+from tests.toy import FACTS, tiny_config
 
 
 @pytest.fixture(scope="module")

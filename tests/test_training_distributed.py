@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 
 from rag_jax.checkpoints import load_trained
-from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fixture)
+from tests.toy import read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"train_steps": 3, "log_every": 1, "checkpoint.every": 2, "rag.n_docs": 4}
@@ -40,7 +40,7 @@ def assert_same_losses(workdir_a: Path, workdir_b: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def four_devices(toy, tmp_path_factory):  # noqa: F811
+def four_devices(toy, tmp_path_factory):
     from rag_jax.training import train
 
     assert jax.device_count() == 4  # tests/conftest.py
@@ -50,7 +50,7 @@ def four_devices(toy, tmp_path_factory):  # noqa: F811
     return config, workdir
 
 
-def test_four_devices_fsdp_equal_one_device(toy, four_devices, tmp_path):  # noqa: F811
+def test_four_devices_fsdp_equal_one_device(toy, four_devices, tmp_path):
     from rag_jax.sharding import make_mesh
 
     config = tiny_config(toy, **STEPS, **{"mesh.data": 1, "mesh.fsdp": 1})
@@ -71,7 +71,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_path):  # noqa: F811
+def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_path):
     config, _ = four_devices
     workdir = tmp_path / "two"
     overrides = [

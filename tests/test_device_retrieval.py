@@ -16,11 +16,11 @@ from rag_jax.host_retrieval import BatchBuilder
 from rag_jax.index import KnowledgeSource, build_index, load_text_encoder
 from rag_jax.sharding import make_mesh
 from rag_jax.training import train
-from tests.test_training import read_metrics, tiny_config, toy  # noqa: F401 (fixture)
+from tests.toy import read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
-def world(toy):  # noqa: F811
+def world(toy):
     config = tiny_config(toy, **{"rag.n_docs": 4})
     return config, *build_model(config)
 
@@ -72,7 +72,7 @@ def test_device_batch_equals_host_batch(world, context_length):
         assert host.n_truncated["context"] == 4 * len(examples)
 
 
-def test_device_retrieval_trains_as_host_retrieval(toy, tmp_path):  # noqa: F811
+def test_device_retrieval_trains_as_host_retrieval(toy, tmp_path):
     """Same losses step by step (1e-5), and the loss falls."""
     common = {"train_steps": 10, "log_every": 1, "rag.n_docs": 4}
     train(tiny_config(toy, **common), str(tmp_path / "host"))
@@ -88,7 +88,7 @@ def test_device_retrieval_trains_as_host_retrieval(toy, tmp_path):  # noqa: F811
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3])  # it learns
 
 
-def test_device_retrieval_refuses_a_scann_index(toy, tmp_path):  # noqa: F811
+def test_device_retrieval_refuses_a_scann_index(toy, tmp_path):
     build_index(
         toy / "corpus.jsonl",
         lambda: load_text_encoder(toy / "encoder", max_length=32),

@@ -22,7 +22,7 @@ import pytest
 from orbax.checkpoint._src.path import atomicity
 
 from rag_jax.training import train
-from tests.test_training import DECAY_STEPS, read_metrics, tiny_config, toy  # noqa: F401
+from tests.toy import DECAY_STEPS, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3  # checkpoints at 3, 6, 9, 12 (two kept)
@@ -32,7 +32,7 @@ OVERRIDES = {
 }  # fmt: skip
 
 
-def command(toy, workdir: Path) -> list[str]:  # noqa: F811
+def command(toy, workdir: Path) -> list[str]:
     overrides = [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
     return [
         sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/tiny.py"),
@@ -86,14 +86,14 @@ def losses_by_step(workdir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def straight(toy, tmp_path_factory):  # noqa: F811
+def straight(toy, tmp_path_factory):
     """A run never interrupted."""
     workdir = tmp_path_factory.mktemp("straight") / "run"
     train(tiny_config(toy, **OVERRIDES), str(workdir))
     return final_state(workdir), losses_by_step(workdir)
 
 
-def resume(toy, workdir: Path, caplog) -> int:  # noqa: F811
+def resume(toy, workdir: Path, caplog) -> int:
     """Runs the same training again in ``workdir``; returns the step it resumed from."""
     caplog.clear()
     with caplog.at_level("INFO", logger="rag_jax.training"):
@@ -120,7 +120,7 @@ def assert_same_as_straight(workdir: Path, straight) -> None:
     )  # fmt: skip
 
 
-def test_sigkill_mid_run_resumes_from_the_last_checkpoint(toy, straight, tmp_path, caplog):  # noqa: F811
+def test_sigkill_mid_run_resumes_from_the_last_checkpoint(toy, straight, tmp_path, caplog):
     workdir = tmp_path / "run"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     process = subprocess.Popen(command(toy, workdir), env=env, stderr=subprocess.PIPE, text=True)
@@ -139,7 +139,7 @@ def test_sigkill_mid_run_resumes_from_the_last_checkpoint(toy, straight, tmp_pat
     assert_same_as_straight(workdir, straight)
 
 
-def test_sigterm_saves_the_current_step_and_stops(toy, straight, tmp_path, caplog):  # noqa: F811
+def test_sigterm_saves_the_current_step_and_stops(toy, straight, tmp_path, caplog):
     workdir = tmp_path / "run"
 
     def preempt():
@@ -167,7 +167,7 @@ def test_sigterm_saves_the_current_step_and_stops(toy, straight, tmp_path, caplo
 
 
 def test_a_crash_during_a_save_leaves_the_previous_checkpoint(
-    toy,  # noqa: F811
+    toy,
     straight,
     tmp_path,
     caplog,

@@ -151,10 +151,10 @@ def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> Non
             fields.append("data.index")
     for field in fields:
         section, name = field.split(".")
-        path = config[section].get(name, "")
+        path = config[section][name]
         if path and not Path(path).exists():
             raise FileNotFoundError(f"config.{field}={str(path)!r} does not exist")
-    index = config.data.get("index", "")
+    index = config.data.index
     if "data.index" in fields and not (Path(index) / MANIFEST_FILE).is_file():
         raise FileNotFoundError(
             f"config.data.index={str(index)!r} is not an index directory (no {MANIFEST_FILE}); "
@@ -192,7 +192,7 @@ def open_knowledge(
 def retrieval_mode(config: ml_collections.ConfigDict, model: RagModel) -> str:
     """``config.data.retrieval``, checked: "host" or "device" ("host" for closed-book models,
     which retrieve nothing)."""
-    mode = config.data.get("retrieval", "host")
+    mode = config.data.retrieval
     if mode not in ("host", "device"):
         raise ValueError(f"config.data.retrieval must be 'host' or 'device', got {mode!r}")
     return "host" if model.config.closed_book else mode

@@ -565,7 +565,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--hlo", help="write the compiled HLO here (RETRIEVAL is appended)")
     args, overrides = parser.parse_known_args(argv)
     config = _load_config(args.config, overrides)
-    mode = args.retrieval or config.data.get("retrieval", "host")
+    mode = args.retrieval or config.data.retrieval
     modes = ["host", "device"] if mode == "both" else [mode]
     reports = []
     try:

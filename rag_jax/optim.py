@@ -65,7 +65,7 @@ def trainable(config: ml_collections.ConfigDict) -> nnx.filterlib.Filter:
     Raises:
       ValueError: ``optimizer.freeze`` is not a regular expression.
     """
-    patterns = [_freeze_pattern(config.optimizer.get("freeze", ""))]
+    patterns = [_freeze_pattern(config.optimizer.freeze)]
     if config.rag.marginalization == "closed_book":
         patterns.append(re.compile("^query_encoder/"))
     frozen = [_PathMatches(pattern) for pattern in patterns if pattern is not None]

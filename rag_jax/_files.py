@@ -5,6 +5,9 @@ never a half-written one:
 
 * :func:`write_text` writes a temp file beside the destination and renames it over it (a rename
   replaces a file atomically).
+* :func:`staged_dir` gives a private directory beside the destination to write into, and
+  moves it into place (:func:`replace_dir`) when the block ends without an error; with one, it
+  is deleted and the destination left as it was.
 * :func:`replace_dir` moves a finished directory into place. A rename cannot replace a non-empty
   directory, so it takes two: the old directory is renamed aside to a fixed hidden sibling
   (``.<name>.replaced``), then the new one into place, then the old one is deleted; if the
@@ -18,9 +21,12 @@ never a half-written one:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -104,3 +110,23 @@ def replace_dir(staging: str | os.PathLike, target: str | os.PathLike) -> None:
         os.rename(old, target)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """A new directory beside ``target`` to write into; moved to ``target`` (replacing an
+    existing one, :func:`replace_dir`) when the block ends, deleted if it raises.
+
+    The moved directory gets an existing ``target``'s permissions, else the usual 0o755
+    (``mkdtemp`` makes it private).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield staging
+        staging.chmod(target.stat().st_mode & 0o7777 if target.is_dir() else 0o755)
+        replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

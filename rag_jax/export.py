@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -119,20 +118,13 @@ def export(
         "step": step,
         "rag": dataclasses.asdict(model.config),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with _files.staged_dir(out) as staging:
         save_bert_encoder(model.query_encoder, staging / "question_encoder")
         _copy_tokenizer(question_tokenizer, staging / "question_encoder")
         save_bart(model.generator, staging / "generator")
         _copy_tokenizer(generator_tokenizer, staging / "generator")
         (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        staging.chmod(0o755)  # mkdtemp's is private
         _check_target(out)  # still ours: nothing else appeared there meanwhile
-        _files.replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return record
 
 

@@ -20,7 +20,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -69,12 +68,7 @@ def read_hf_config(checkpoint_dir: str | os.PathLike, part: str | None = None) -
     path = _existing_dir(checkpoint_dir) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_NAME} in checkpoint directory {str(path.parent)!r}")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{str(path)!r} is not valid JSON: {error}") from error
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{str(path)!r} must hold a JSON object, got {type(config).__name__}")
+    config = _read_json_object(path)
     if part is None:
         return config
     if not isinstance(config.get(part), dict):
@@ -98,6 +92,10 @@ def read_generation_config(checkpoint_dir: str | os.PathLike) -> dict[str, Any] 
     path = _existing_dir(checkpoint_dir) / GENERATION_CONFIG_NAME
     if not path.is_file():
         return None
+    return _read_json_object(path)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -330,21 +328,13 @@ def save_hf_checkpoint(
     ]
     if not_finite:
         raise CheckpointError(f"refusing to save non-finite values in {sorted(not_finite)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with _files.staged_dir(target) as staging:
         save_file(arrays, staging / SAFETENSORS_NAME, metadata={"format": "pt"})
         (staging / CONFIG_NAME).write_text(config_text)
         for relative_path, text in (extra_files or {}).items():
             (staging / relative_path).parent.mkdir(parents=True, exist_ok=True)
             (staging / relative_path).write_text(text)
         _copy_extra_files(target, staging)
-        # mkdtemp makes the directory private (0o700): give it the usual, or the old, permissions.
-        staging.chmod(target.stat().st_mode & 0o7777 if target.is_dir() else 0o755)
-        _files.replace_dir(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _check_replaceable(target: Path) -> None:

@@ -197,6 +197,8 @@ class Retriever:
     def __init__(self, builder: BatchBuilder, mesh, step_fn: Callable, prefetch: bool):
         self.builder, self.mesh, self.step_fn = builder, mesh, step_fn
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch else None
+        knowledge = builder.knowledge
+        self.n_passages = None if knowledge is None else knowledge.manifest.count  # N
 
     @staticmethod
     def snapshot(model) -> nnx.State:

@@ -66,18 +66,38 @@ def drop_lines_after(path: Path, step: int) -> None:
     _files.write_text(path, "".join(kept))
 
 
-def watch_collapse(metrics: dict, config, model_config: RagConfig) -> None:
+def watch_collapse(
+    metrics: dict, config, model_config: RagConfig, n_passages: int | None = None
+) -> list[str]:
+    """Warns (and returns the warnings) when retrieval looks collapsed at a logged step.
+
+    Three signs, each against ``metrics`` of the step (``doc_entropy``: mean entropy of p(z|x)
+    in nats; ``distinct_docs_in_window`` over the last ``retrieved_in_window`` retrieved
+    documents): the entropy under ``collapse.min_entropy`` (every question trusts one
+    document); fewer distinct documents than ``collapse.min_distinct_docs``; and, whatever the
+    thresholds, every question of the window retrieving the same K documents while the index
+    holds more (``n_passages`` > K): the retriever returns one fixed set whatever is asked.
+    """
     if model_config.closed_book:
-        return
+        return []
+    warnings = []
     if metrics["doc_entropy"] < config.collapse.min_entropy:
-        log.warning(
-            "retrieval collapse? mean entropy of p(z|x) is %.3f nats (threshold %.3f)",
-            metrics["doc_entropy"],
-            config.collapse.min_entropy,
+        warnings.append(
+            f"retrieval collapse? mean entropy of p(z|x) is {metrics['doc_entropy']:.3f} nats "
+            f"(threshold {config.collapse.min_entropy:.3f})"
         )
-    if 0 < metrics["distinct_docs_in_window"] < config.collapse.min_distinct_docs:
-        log.warning(
-            "retrieval collapse? only %d distinct documents over the last %d retrieved",
-            metrics["distinct_docs_in_window"],
-            config.collapse.window,
+    distinct, retrieved = metrics["distinct_docs_in_window"], metrics["retrieved_in_window"]
+    K = model_config.n_docs
+    if 0 < distinct < config.collapse.min_distinct_docs:
+        warnings.append(
+            f"retrieval collapse? only {distinct} distinct documents over the last "
+            f"{retrieved} retrieved (threshold {config.collapse.min_distinct_docs})"
         )
+    elif 0 < distinct <= K < (n_passages or 0) and retrieved >= 2 * K:
+        warnings.append(
+            f"retrieval collapse? the last {retrieved // K} questions all retrieved the same "
+            f"{distinct} of the index's {n_passages} documents"
+        )
+    for warning in warnings:
+        log.warning("%s", warning)
+    return warnings

@@ -187,7 +187,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             log.info(
                 "resumed from step %d (epoch %d, example %d)", step, position.epoch, position.index
             )
-        monitor = _Monitor(config, model, optimizer, schedule)
+        monitor = _Monitor(config, model, optimizer, schedule, retriever.n_passages)
         with (
             MetricsWriter(workdir, jax.process_index() == 0, resumed_from=step) as writer,
             _progress_bar(config, step) as bar,
@@ -248,8 +248,8 @@ class _Monitor:
     """What the loop measures between logged steps: documents retrieved (for the collapse
     watch) and inputs cut since the run started, and each logged step's figures."""
 
-    def __init__(self, config, model: RagModel, optimizer: nnx.Optimizer, schedule):
-        self.config, self.model_config = config, model.config
+    def __init__(self, config, model: RagModel, optimizer: nnx.Optimizer, schedule, n_passages):
+        self.config, self.model_config, self.n_passages = config, model.config, n_passages
         self.optimizer, self.schedule = optimizer, schedule
         self.window = collections.deque(maxlen=config.collapse.window)
         self.truncated: dict[str, int] = {}  # inputs cut (this process's), by part
@@ -270,8 +270,9 @@ class _Monitor:
             learning_rate=float(self.schedule(step)),
             skipped_updates=optim.skipped_updates(self.optimizer.opt_state),
             distinct_docs_in_window=len(set(self.window)),
+            retrieved_in_window=len(self.window),
             **{f"truncated_{k}": v for k, v in self.truncated.items()},
         )
-        watch_collapse(metrics, self.config, self.model_config)
+        watch_collapse(metrics, self.config, self.model_config, self.n_passages)
         self.last = metrics
         return metrics

@@ -127,17 +127,19 @@ def test_embeddings_equal_one_passage_at_a_time_and_float16_is_a_cast(tmp_path):
     write_corpus(corpus, 40)
     encoder = toy_encoder()
     build_index(corpus, encoder, tmp_path / "f32", backend="exact", **BUILD)
-    build_index(corpus, encoder, tmp_path / "f16", backend="exact", dtype="float16", **BUILD)
+    # an --out whose parents do not exist yet (runs/new/index on a fresh clone): created
+    f16_dir = tmp_path / "runs" / "new" / "f16"
+    build_index(corpus, encoder, f16_dir, backend="exact", dtype="float16", **BUILD)
     store = PassageStore(tmp_path / "f32/passages")
     embeddings = np.load(tmp_path / "f32/embeddings.npy")
     for i in [0, 7, 39]:  # bucketing and padding do not change a passage's vector
         ids = np.array(encoder.tokenize([store[i].title], [store[i].text]), np.int32)
         alone = encoder.apply(encoder.params, ids, np.ones_like(ids))
         np.testing.assert_allclose(embeddings[i], alone[0], rtol=1e-6, atol=1e-6)
-    f16 = np.load(tmp_path / "f16/embeddings.npy")
+    f16 = np.load(f16_dir / "embeddings.npy")
     assert f16.dtype == np.float16
     np.testing.assert_array_equal(f16, embeddings.astype(np.float16))
-    assert load_index(tmp_path / "f16").manifest.dtype == "float16"
+    assert load_index(f16_dir).manifest.dtype == "float16"
 
 
 def test_encoding_sharded_over_four_devices_equals_one_device(tmp_path):

@@ -114,6 +114,8 @@ def build_index(
         "skip_bad": skip_bad,
     }
     leader = jax.process_index() == 0
+    if leader:  # every check passed: `--out runs/new/index` on a fresh clone needs runs/new
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive(out_dir) if leader else contextlib.nullcontext(), _explained(out_dir, work):
         if leader:
             stats = _build_store(corpus, work, settings, split_words=split_words, skip_bad=skip_bad)

@@ -1,7 +1,8 @@
 """Evaluates a trained RAG model on a QA file.
 
 ``python eval.py --workdir DIR --data qa.jsonl [--config configs/X.py] [--index DIR]
-[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only] [--lenient]``
+[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only] [--lenient]
+[--match string|regex]``
 (``--n_docs`` and ``--retrieval_only`` work too)
 
 The model, its config and its index come from the workdir (``DIR/config.json``, the latest
@@ -17,7 +18,8 @@ last question written; a run whose settings, checkpoint step, index or data file
 those recorded in ``eval_settings.json`` is refused with one line naming what differs (give
 it another ``--out``). ``--decode`` defaults to the model's marginalization: "token" for
 RAG-Token, "thorough" for RAG-Sequence. Scores: ``em``/``f1`` are SQuAD v1.1's,
-``recall@k`` DPR's ``has_answer``; ``--lenient`` adds the ``*_lenient`` scores beside them.
+``recall@k`` DPR's ``has_answer`` (``--match regex``: the answers are patterns, as
+CuratedTrec's); ``--lenient`` adds the ``*_lenient`` scores beside them.
 """
 
 import json
@@ -51,6 +53,11 @@ flags.DEFINE_bool("retrieval_only", False, "Only retrieve and score recall@k.")
 flags.DEFINE_bool(
     "lenient", False, "Also report lenient scores (*_lenient) beside SQuAD's and DPR's."
 )
+flags.DEFINE_enum(
+    "match", "string", ["string", "regex"],
+    "How recall@k finds an answer in a passage (DPR's has_answer): token runs, or the answers "
+    "as regular expressions (CuratedTrec).",
+)  # fmt: skip
 flags.DEFINE_string("out", None, "Output directory.")
 # The spellings of rag_jax.ask and of the issue's usage line, beside absl's underscores.
 flags.DEFINE_alias("n-docs", "n_docs")
@@ -67,7 +74,7 @@ def main(argv):
         settings = EvalSettings(
             decode=FLAGS.decode, beams=FLAGS.beams, n_docs=FLAGS.n_docs,
             max_length=FLAGS.max_length, batch_size=FLAGS.batch_size,
-            retrieval_only=FLAGS.retrieval_only, lenient=FLAGS.lenient,
+            retrieval_only=FLAGS.retrieval_only, lenient=FLAGS.lenient, match=FLAGS.match,
         )  # fmt: skip
         read_qa(FLAGS.data)  # a missing, malformed or empty data file: refused before loading
         evaluator = Evaluator.from_workdir(

@@ -31,6 +31,7 @@ from rag_jax import decode
 from rag_jax.data import QAExample, read_qa
 from rag_jax.metrics import (  # re-exported: the evaluation's metrics, as callers import them
     DEFINITIONS,
+    MATCH_TYPES,
     RECALL_AT,
     exact_match,
     f1,
@@ -83,6 +84,8 @@ class EvalSettings:
       batch_size: questions per batch (does not change the results).
       retrieval_only: retrieve and score recall@k only.
       lenient: also report the lenient scores (``*_lenient``) beside the strict ones.
+      match: how recall@k finds an answer in a passage, DPR's ``has_answer`` match type:
+        "string" (token runs) or "regex" (the answers are patterns, as CuratedTrec's).
     """
 
     decode: str | None = None
@@ -92,8 +95,11 @@ class EvalSettings:
     batch_size: int = 8
     retrieval_only: bool = False
     lenient: bool = False
+    match: str = "string"
 
     def __post_init__(self):
+        if self.match not in MATCH_TYPES:
+            raise ValueError(f"match must be one of {MATCH_TYPES}, got {self.match!r}")
         if self.decode is not None and self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         for name in ("beams", "max_length", "batch_size"):
@@ -402,7 +408,11 @@ def evaluate(
             ):
                 record["answers"] = list(example.answers)
                 written = evaluator.as_written(example.answers) if lenient else ()
-                record.update(score_record(record, example.answers, written, lenient=lenient))
+                match = evaluator.settings.match
+                scores = score_record(
+                    record, example.answers, written, lenient=lenient, match_type=match
+                )
+                record.update(scores)
                 record.pop("texts", None)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
@@ -410,18 +420,27 @@ def evaluate(
     seconds = time.perf_counter() - start
     metrics = _aggregate(predictions, score_keys(lenient))
     metrics.update(
-        definitions={key: DEFINITIONS[_generic(key)] for key in metrics},
+        definitions={key: _definition(key, evaluator.settings.match) for key in metrics},
         n_questions=len(examples),
         questions_per_second=len(todo) / seconds if todo and seconds > 0 else None,
         decode=evaluator.settings.decode,
         beams=evaluator.settings.beams,
         n_docs=evaluator.n_docs,
         lenient=lenient,
+        match=evaluator.settings.match,
         checkpoint_step=evaluator.checkpoint_step,
         index=str(evaluator.knowledge.path) if evaluator.knowledge is not None else None,
     )
     _write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _definition(key: str, match: str) -> str:
+    """The definition of score ``key`` as measured with has_answer's ``match`` type."""
+    definition = DEFINITIONS[_generic(key)]
+    if match == "regex" and _generic(key) == "recall@k":
+        return definition.replace("(string match)", "(regex match: the answers are patterns)")
+    return definition
 
 
 def _generic(key: str) -> str:

@@ -645,3 +645,44 @@ def test_eval_cli_needs_no_config_and_runs_from_anywhere(opened, toy, tmp_path):
     assert identity["index"]["path"] == str((root / "index").resolve())
     assert identity["checkpoint_step"] == 1 and identity["n_docs"] == 8
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
+
+
+def test_recall_in_regex_mode_reads_the_answers_as_patterns():
+    """DPR's has_answer regex mode (CuratedTrec's patterns), reached from EvalSettings."""
+    record = {
+        "titles": ["Leonardo", "Vinci"],
+        "texts": ["He lived from 1452 to 1519.", "A town in Tuscany."],
+    }
+    answers = ["15[0-9][0-9]"]
+    # String mode: the pattern's tokens "15", "[", "0", "-", ... are not in the text: no hit.
+    strict = score_record(record, answers)
+    assert strict["recall@1"] == 0.0 and strict["recall@5"] == 0.0
+    # Regex mode: the pattern, case-insensitive, is searched in the first passage's text and
+    # finds "1452" (15.. does not match it) and "1519": a hit at rank 1.
+    regex = score_record(record, answers, match_type="regex")
+    assert regex["recall@1"] == 1.0 and regex["recall@5"] == 1.0
+    # A pattern found only in the second passage: a hit at rank 2, within the top 5 only.
+    later = score_record(record, ["tusc[a-z]+"], match_type="regex")
+    assert (later["recall@1"], later["recall@5"]) == (0.0, 1.0)
+    # The lenient recall in regex mode searches title and text with the pattern.
+    titled = score_record(record, ["^leonardo"], match_type="regex", lenient=True)
+    assert (titled["recall@1"], titled["recall@1_lenient"]) == (0.0, 1.0)
+    assert EvalSettings(match="regex").match == "regex"
+    with pytest.raises(ValueError, match="match must be one of"):
+        EvalSettings(match="glob")
+    with pytest.raises(ValueError, match="match_type must be one of"):
+        score_record(record, answers, match_type="glob")
+
+
+def test_eval_cli_takes_match():
+    code = (
+        "import sys, eval; from absl import flags; flags.FLAGS(['eval.py', *sys.argv[1:]]); "
+        "print(flags.FLAGS.match)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    required = ["--workdir=unused", "--data=unused"]  # no --config: it is optional
+    done = subprocess.run(
+        [sys.executable, "-c", code, *required, "--match=regex"],
+        cwd=root, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["regex"]

@@ -1,8 +1,16 @@
 """Evaluates a trained RAG model on a QA file.
 
-``python eval.py --config configs/X.py --workdir DIR --data qa.jsonl [--index DIR]
-[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only] [--lenient]``
+``python eval.py --workdir DIR --data qa.jsonl [--config configs/X.py] [--index DIR]
+[--decode token|thorough|fast] [--beams N] [--n-docs K] [--retrieval-only] [--lenient]
+[--match string|regex]``
 (``--n_docs`` and ``--retrieval_only`` work too)
+
+The model, its config and its index come from the workdir (``DIR/config.json``, the latest
+checkpoint). ``--config`` is optional: a config given is compared with the recorded one and
+refused, naming the field, where it differs in what changes the model, p(z|x) or the
+generator's inputs (``rag_jax.checkpoints.check_eval_config``). The index (the config's
+``data.index`` or ``--index``) is checked against the model's query encoder, the document
+encoder it was trained with, and K.
 
 Writes ``eval_settings.json``, ``predictions.jsonl`` and ``metrics.json`` to ``--out``
 (default ``DIR/eval/<data file name>``). Re-running the same evaluation resumes after the
@@ -10,7 +18,8 @@ last question written; a run whose settings, checkpoint step, index or data file
 those recorded in ``eval_settings.json`` is refused with one line naming what differs (give
 it another ``--out``). ``--decode`` defaults to the model's marginalization: "token" for
 RAG-Token, "thorough" for RAG-Sequence. Scores: ``em``/``f1`` are SQuAD v1.1's,
-``recall@k`` DPR's ``has_answer``; ``--lenient`` adds the ``*_lenient`` scores beside them.
+``recall@k`` DPR's ``has_answer`` (``--match regex``: the answers are patterns, as
+CuratedTrec's); ``--lenient`` adds the ``*_lenient`` scores beside them.
 """
 
 import json
@@ -22,12 +31,13 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rag_jax._cli import parse_flags
-from rag_jax.checkpoints import load_trained
 from rag_jax.data import read_qa
-from rag_jax.evaluation import EvalSettings, Evaluator, evaluate, latest_checkpoint_step
+from rag_jax.evaluation import EvalSettings, Evaluator, evaluate
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "The config the model was trained with.")
+config_flags.DEFINE_config_file(
+    "config", None, "The config the model was trained with (default: the workdir's record)."
+)
 flags.DEFINE_string("workdir", None, "The training workdir (its latest checkpoint is used).")
 flags.DEFINE_string("data", None, "QA file: JSONL / DPR json / TSV.")
 flags.DEFINE_string("index", None, "Another index directory to answer from (hot swap).")
@@ -43,11 +53,16 @@ flags.DEFINE_bool("retrieval_only", False, "Only retrieve and score recall@k.")
 flags.DEFINE_bool(
     "lenient", False, "Also report lenient scores (*_lenient) beside SQuAD's and DPR's."
 )
+flags.DEFINE_enum(
+    "match", "string", ["string", "regex"],
+    "How recall@k finds an answer in a passage (DPR's has_answer): token runs, or the answers "
+    "as regular expressions (CuratedTrec).",
+)  # fmt: skip
 flags.DEFINE_string("out", None, "Output directory.")
 # The spellings of rag_jax.ask and of the issue's usage line, beside absl's underscores.
 flags.DEFINE_alias("n-docs", "n_docs")
 flags.DEFINE_alias("retrieval-only", "retrieval_only")
-flags.mark_flags_as_required(["config", "workdir", "data"])
+flags.mark_flags_as_required(["workdir", "data"])
 
 
 def main(argv):
@@ -59,22 +74,12 @@ def main(argv):
         settings = EvalSettings(
             decode=FLAGS.decode, beams=FLAGS.beams, n_docs=FLAGS.n_docs,
             max_length=FLAGS.max_length, batch_size=FLAGS.batch_size,
-            retrieval_only=FLAGS.retrieval_only, lenient=FLAGS.lenient,
+            retrieval_only=FLAGS.retrieval_only, lenient=FLAGS.lenient, match=FLAGS.match,
         )  # fmt: skip
         read_qa(FLAGS.data)  # a missing, malformed or empty data file: refused before loading
-        model, question_tokenizer, generator_tokenizer = load_trained(FLAGS.config, FLAGS.workdir)
-        knowledge = None
-        if not model.config.closed_book:
-            from rag_jax.index import KnowledgeSource
-
-            knowledge = KnowledgeSource(FLAGS.config.data.index)
-            if FLAGS.index:
-                knowledge.swap(FLAGS.index)  # checked against the first index's encoder
-        step = latest_checkpoint_step(FLAGS.workdir)  # the one load_trained restored
-        evaluator = Evaluator(
-            model, question_tokenizer, generator_tokenizer, knowledge, settings,
-            checkpoint_step=step,
-        )  # fmt: skip
+        evaluator = Evaluator.from_workdir(
+            FLAGS.workdir, settings, config=FLAGS.config, index=FLAGS.index
+        )
         out = FLAGS.out or f"{FLAGS.workdir}/eval/{FLAGS.data.rsplit('/', 1)[-1]}"
         metrics = evaluate(evaluator, FLAGS.data, out, progress=True)
     except (ValueError, OSError) as error:  # bad input or files: one line, no traceback

@@ -3,7 +3,9 @@
 Prints the answer and the top retrieved passages (title, the start of the text, p(z|x)).
 With ``--questions FILE`` (one JSON ``{"question": ...}`` a line) it answers each and writes
 JSONL to ``--out`` (default: standard output). The model, its config and its index come from
-the training workdir (``DIR/config.json`` and the latest checkpoint).
+the training workdir (``DIR/config.json`` and the latest checkpoint), opened from any directory
+as ``eval.py`` opens it (``Evaluator.from_workdir``: always with the recorded config; the
+index, the recorded one or ``--index``, checked against the model's query encoder and K).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+from rag_jax.data import check_text
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +53,10 @@ def _read_questions(path: Path) -> list[str]:
                 ) from None
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"{path}:{line_no}: 'question' must be a non-empty string")
+            try:
+                check_text(question, "'question'")
+            except ValueError as error:
+                raise ValueError(f"{path}:{line_no}: {error}") from None
             questions.append(question)
     if not questions:
         raise ValueError(f"{path}: no questions")
@@ -56,30 +64,16 @@ def _read_questions(path: Path) -> list[str]:
 
 
 def _load(args):
-    import ml_collections
-
-    from rag_jax.checkpoints import load_trained
+    from rag_jax.checkpoints import recorded_config
     from rag_jax.evaluation import EvalSettings, Evaluator
 
-    record = args.workdir / "config.json"
-    if not record.is_file():
-        raise FileNotFoundError(f"{args.workdir} is not a train.py workdir (no config.json)")
-    config = ml_collections.ConfigDict(json.loads(record.read_text())["config"])
-    model, question_tokenizer, generator_tokenizer = load_trained(config, str(args.workdir))
-    knowledge = None
-    if not model.config.closed_book:
-        from rag_jax.index import KnowledgeSource
-
-        knowledge = KnowledgeSource(config.data.index)
-        if args.index:
-            knowledge.swap(args.index)
     settings = EvalSettings(
         decode=args.decode,
         beams=args.beams,
         n_docs=args.n_docs,
-        max_length=config.rag.max_target_length + 1,
+        max_length=recorded_config(args.workdir).rag.max_target_length + 1,
     )
-    return Evaluator(model, question_tokenizer, generator_tokenizer, knowledge, settings)
+    return Evaluator.from_workdir(args.workdir, settings, index=args.index)
 
 
 def _print(record: dict, show: int) -> None:
@@ -100,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     if (args.question is None) == (args.questions is None):
         _parser().error("give a question or --questions FILE (one of the two)")
     try:
-        if args.question is not None and not args.question.strip():
-            raise ValueError("the question must be a non-empty string")
+        if args.question is not None:
+            if not args.question.strip():
+                raise ValueError("the question must be a non-empty string")
+            check_text(args.question, "the question")
         questions = _read_questions(args.questions) if args.questions else [args.question]
         evaluator = _load(args)
         # Written beside --out and renamed at the end: never a half-written answers file.

@@ -134,6 +134,29 @@ def query_preprocessing(model: RagModel, question_encoder_dir: str) -> dict:
     }
 
 
+# Every config field that names a file or directory: resolved to absolute paths when a run
+# records its config (checkpoints.record_config), so a workdir opens from any directory.
+PATH_FIELDS = (
+    "model.question_encoder", "model.generator", "model.generator_tokenizer",
+    "model.generator_warm_start", "data.train", "data.index",
+)  # fmt: skip
+
+
+def resolve_paths(
+    config: ml_collections.ConfigDict, base: str | Path | None = None
+) -> ml_collections.ConfigDict:
+    """A copy of ``config`` whose :data:`PATH_FIELDS` are absolute: a relative path is taken
+    relative to ``base`` (default: the current directory); empty fields stay empty."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    base = Path.cwd() if base is None else Path(base)
+    for field in PATH_FIELDS:
+        section, name = field.split(".")
+        path = config[section].get(name, "")
+        if path:
+            config[section][name] = str((base / Path(path)).absolute())
+    return config
+
+
 def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> None:
     """Every file or directory the config names exists (the model's, and with ``training``
     the data's and, unless closed-book, the index's).
@@ -141,10 +164,7 @@ def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> Non
     Raises:
       FileNotFoundError: naming the config field and the path.
     """
-    fields = [
-        "model.question_encoder", "model.generator", "model.generator_tokenizer",
-        "model.generator_warm_start",
-    ]  # fmt: skip
+    fields = [field for field in PATH_FIELDS if field.startswith("model.")]
     if training:
         fields.append("data.train")
         if config.rag.marginalization != "closed_book":
@@ -163,29 +183,47 @@ def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> Non
 
 
 def open_knowledge(
-    config: ml_collections.ConfigDict, model: RagModel, mesh=None
+    config: ml_collections.ConfigDict,
+    model: RagModel,
+    mesh=None,
+    *,
+    index_dir: str | Path | None = None,
+    document_encoder: dict | None = None,
+    min_passages: int = 1,
 ) -> KnowledgeSource | None:
-    """The index of ``config.data.index``, checked against the query encoder: the same vector
-    size, pooling, normalisation and tokenizer files as the document encoder that built it.
-    With ``mesh``, an exact index's vectors are sharded over its devices.
+    """The index of ``config.data.index`` (or ``index_dir``), checked against the query
+    encoder: the same vector size, pooling, normalisation and tokenizer files as the document
+    encoder that built it. With ``mesh``, an exact index's vectors are sharded over its devices.
+
+    Args:
+      document_encoder: the document encoder the model was trained with, as
+        :func:`rag_jax.checkpoints.record_config` recorded it (``encoder_sha256``,
+        ``encoder_name``): the index must have been built with those weights (None: not
+        checked). Swaps into the returned source are held to the same encoder.
+      min_passages: the fewest passages the index (and any swapped in) must hold: K.
 
     Raises:
-      IndexMismatchError: naming the index, its encoder and the query encoder.
+      IndexMismatchError: naming the index, its encoder and the query encoder; or an index
+        with fewer than ``min_passages`` passages.
     """
     if model.config.closed_book:
         return None
     question_encoder = config.model.question_encoder
+    document_encoder = document_encoder or {}
     try:
         return KnowledgeSource(
-            config.data.index,
+            config.data.index if index_dir is None else index_dir,
             backend=config.data.index_backend or None,
             dim=model.query_encoder.output_dim,
+            encoder_sha256=document_encoder.get("encoder_sha256"),
+            encoder_name=document_encoder.get("encoder_name"),
             encoder_preprocessing=query_preprocessing(model, question_encoder),
             mesh=mesh,
+            min_passages=min_passages,
         )
     except IndexMismatchError as error:
         raise IndexMismatchError(
-            f"query encoder {question_encoder} does not fit the index: {error}"
+            f"the model (query encoder {question_encoder}) does not fit the index: {error}"
         ) from None
 
 

@@ -37,7 +37,8 @@ def read_qa(path: str | os.PathLike, *, skip_bad: bool = False) -> tuple[list[QA
     Raises:
       FileNotFoundError: no such file.
       QAFormatError: ``FILE:LINE: reason`` for a malformed line, an empty question or an empty
-        answer list (unless ``skip_bad``, which skips and counts them).
+        answer list, or text that is not Unicode (a lone surrogate, see :func:`check_text`)
+        (unless ``skip_bad``, which skips and counts them).
     """
     path = Path(path)
     if not path.is_file():
@@ -104,7 +105,24 @@ def _example(record: object) -> QAExample:
         raise ValueError("'answers' must be a non-empty list of strings")
     if not all(isinstance(a, str) and a.strip() for a in answers):
         raise ValueError("every answer must be a non-empty string")
+    check_text(question, "'question'")
+    for answer in answers:
+        check_text(answer, "an answer")
     return QAExample(question.strip(), tuple(a.strip() for a in answers))
+
+
+def check_text(text: str, what: str) -> None:
+    """Raises ValueError (naming ``what``) if ``text`` is not Unicode text: a lone surrogate
+    such as ``"\\ud800"``, which JSON's ``\\u`` escapes (and undecodable command-line bytes)
+    can spell, cannot be tokenized or written as UTF-8; refused on reading, not half-way
+    through an evaluation's output."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{what} holds a lone surrogate {text[error.start]!r} at character {error.start}: "
+            "not Unicode text"
+        ) from None
 
 
 @dataclasses.dataclass

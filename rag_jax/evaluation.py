@@ -31,6 +31,7 @@ from rag_jax import decode
 from rag_jax.data import QAExample, read_qa
 from rag_jax.metrics import (  # re-exported: the evaluation's metrics, as callers import them
     DEFINITIONS,
+    MATCH_TYPES,
     RECALL_AT,
     exact_match,
     f1,
@@ -83,6 +84,8 @@ class EvalSettings:
       batch_size: questions per batch (does not change the results).
       retrieval_only: retrieve and score recall@k only.
       lenient: also report the lenient scores (``*_lenient``) beside the strict ones.
+      match: how recall@k finds an answer in a passage, DPR's ``has_answer`` match type:
+        "string" (token runs) or "regex" (the answers are patterns, as CuratedTrec's).
     """
 
     decode: str | None = None
@@ -92,8 +95,11 @@ class EvalSettings:
     batch_size: int = 8
     retrieval_only: bool = False
     lenient: bool = False
+    match: str = "string"
 
     def __post_init__(self):
+        if self.match not in MATCH_TYPES:
+            raise ValueError(f"match must be one of {MATCH_TYPES}, got {self.match!r}")
         if self.decode is not None and self.decode not in DECODE_MODES:
             raise ValueError(f"decode must be one of {DECODE_MODES}, got {self.decode!r}")
         for name in ("beams", "max_length", "batch_size"):
@@ -121,8 +127,15 @@ class Evaluator:
       checkpoint_step: the training step of the model's checkpoint, recorded with the
         predictions so that a resume never mixes two checkpoints (None: unknown).
 
+    Every index the model reads is checked against its query encoder: ``knowledge`` (its
+    vector size, and the pooling, normalisation and tokenizer files of the encoder that built
+    it) here, and any index swapped in later (``knowledge.swap``) against ``knowledge``'s
+    document encoder and against K: a swap to an index of fewer than ``n_docs`` passages is
+    refused and the current index keeps serving (``KnowledgeSource.require_passages``).
+
     Raises:
       ValueError: n_docs larger than the index.
+      IndexMismatchError: ``knowledge`` was built for another query encoder.
     """
 
     def __init__(
@@ -141,17 +154,78 @@ class Evaluator:
         self.knowledge = knowledge
         self.checkpoint_step = checkpoint_step
         self.n_docs = settings.n_docs or model.config.n_docs
-        if knowledge is not None and self.n_docs > knowledge.manifest.count:
+        if knowledge is not None:
             n_passages = knowledge.manifest.count
-            raise ValueError(
-                f"n_docs {self.n_docs} is larger than the index's {n_passages} passages"
-            )
+            if self.n_docs > n_passages:
+                raise ValueError(
+                    f"n_docs {self.n_docs} is larger than the index's {n_passages} passages"
+                )
+            _check_knowledge(knowledge, model, question_tokenizer)
+            knowledge.require_passages(self.n_docs)
         if model.config.closed_book or settings.decode is None:
             settings = dataclasses.replace(settings, decode=default_decode(model.config))
         self.settings = dataclasses.replace(settings, n_docs=self.n_docs)
         self.decode_config = decode.DecodeConfig.from_generator(
             model.generator.config, beam_size=settings.beams, max_length=settings.max_length
         )
+
+    @classmethod
+    def from_workdir(
+        cls,
+        workdir: str | Path,
+        settings: EvalSettings | None = None,
+        *,
+        config=None,
+        step: int | None = None,
+        index: str | Path | None = None,
+    ) -> Evaluator:
+        """The Evaluator of the model trained in ``workdir``: the one set-up of ``eval.py`` and
+        ``rag_jax.ask`` (:func:`rag_jax.checkpoints.open_workdir`).
+
+        Args:
+          workdir: a ``train.py`` workdir, from any current directory.
+          settings: default ``EvalSettings()``.
+          config: default the one recorded in ``workdir/config.json``; a config given is
+            refused where it differs from the recorded one in a field that changes the model,
+            p(z|x) or the generator's inputs (``checkpoints.check_eval_config``; K, the data
+            and the index may differ).
+          step: the checkpoint; default the latest.
+          index: the index directory to answer from; default the config's ``data.index``.
+            Whichever it is, it is checked against the model's query encoder (vector size,
+            pooling, normalisation, tokenizer), against the document encoder of the index
+            the model was trained with (recorded in the workdir; for a workdir recorded before
+            that, the config's ``data.index`` if it still exists) and against K.
+
+        Raises:
+          FileNotFoundError: not a workdir, no checkpoint, a missing path.
+          ValueError: a differing config (naming the fields); an index that does not fit
+            (``IndexMismatchError``, naming it); n_docs larger than the index.
+        """
+        from rag_jax import builders
+        from rag_jax.checkpoints import open_workdir
+
+        settings = EvalSettings() if settings is None else settings
+        run = open_workdir(workdir, config, step)
+        knowledge = None
+        if not run.model.config.closed_book:
+            document_encoder = run.document_encoder
+            training_index = Path(run.config.data.index)
+            if document_encoder is None and (training_index / "manifest.json").is_file():
+                from rag_jax.index import Manifest
+
+                manifest = Manifest.read(training_index)
+                document_encoder = {
+                    "encoder_name": manifest.encoder_name,
+                    "encoder_sha256": manifest.encoder_sha256,
+                }
+            knowledge = builders.open_knowledge(
+                run.config, run.model, index_dir=index, document_encoder=document_encoder,
+                min_passages=settings.n_docs or run.model.config.n_docs,
+            )  # fmt: skip
+        return cls(
+            run.model, run.question_tokenizer, run.generator_tokenizer, knowledge, settings,
+            checkpoint_step=run.step,
+        )  # fmt: skip
 
     def identity(self, data: str | Path) -> dict:
         """What makes an evaluation's predictions on ``data`` what they are (JSON-ready):
@@ -266,6 +340,23 @@ class Evaluator:
         return sequences[:, 0], lls[:, 0]
 
 
+def _check_knowledge(knowledge, model: RagModel, question_tokenizer) -> None:
+    """Raises IndexMismatchError unless ``knowledge``'s index was built for ``model``'s query
+    encoder: the same vector size, and (where both record them) pooling, normalisation and
+    tokenizer files (those of ``question_tokenizer``'s directory)."""
+    from rag_jax.builders import query_preprocessing
+
+    tokenizer_dir = getattr(question_tokenizer, "name_or_path", "")
+    preprocessing = None
+    if tokenizer_dir and Path(tokenizer_dir).is_dir():
+        preprocessing = query_preprocessing(model, tokenizer_dir)
+    knowledge.manifest.check(
+        knowledge.path,
+        dim=model.query_encoder.output_dim,
+        encoder_preprocessing=preprocessing,
+    )
+
+
 SETTINGS_FILE = "eval_settings.json"
 
 
@@ -317,7 +408,11 @@ def evaluate(
             ):
                 record["answers"] = list(example.answers)
                 written = evaluator.as_written(example.answers) if lenient else ()
-                record.update(score_record(record, example.answers, written, lenient=lenient))
+                match = evaluator.settings.match
+                scores = score_record(
+                    record, example.answers, written, lenient=lenient, match_type=match
+                )
+                record.update(scores)
                 record.pop("texts", None)
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
@@ -325,18 +420,27 @@ def evaluate(
     seconds = time.perf_counter() - start
     metrics = _aggregate(predictions, score_keys(lenient))
     metrics.update(
-        definitions={key: DEFINITIONS[_generic(key)] for key in metrics},
+        definitions={key: _definition(key, evaluator.settings.match) for key in metrics},
         n_questions=len(examples),
         questions_per_second=len(todo) / seconds if todo and seconds > 0 else None,
         decode=evaluator.settings.decode,
         beams=evaluator.settings.beams,
         n_docs=evaluator.n_docs,
         lenient=lenient,
+        match=evaluator.settings.match,
         checkpoint_step=evaluator.checkpoint_step,
         index=str(evaluator.knowledge.path) if evaluator.knowledge is not None else None,
     )
     _write_json(out_dir / "metrics.json", metrics)
     return metrics
+
+
+def _definition(key: str, match: str) -> str:
+    """The definition of score ``key`` as measured with has_answer's ``match`` type."""
+    definition = DEFINITIONS[_generic(key)]
+    if match == "regex" and _generic(key) == "recall@k":
+        return definition.replace("(string match)", "(regex match: the answers are patterns)")
+    return definition
 
 
 def _generic(key: str) -> str:

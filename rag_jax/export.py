@@ -36,21 +36,6 @@ class ExportError(ValueError):
     """An export that must not start: no trained workdir, or a target that is not an export."""
 
 
-def workdir_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The config a ``train.py`` run recorded in ``workdir/config.json``.
-
-    Raises:
-      ExportError: ``workdir`` has no config.json, or it holds no config.
-    """
-    record = Path(workdir) / "config.json"
-    if not record.is_file():
-        raise ExportError(f"{workdir} is not a train.py workdir (no config.json)")
-    saved = _files.read_json(record, ExportError)
-    if not isinstance(saved.get("config"), dict):
-        raise ExportError(f"{record}: no 'config' recorded")
-    return ml_collections.ConfigDict(saved["config"])
-
-
 def _check_target(out: Path) -> None:
     """Raises ExportError unless ``out`` is absent, an empty directory or an earlier export:
     a directory of anything else is the user's, never replaced."""
@@ -89,7 +74,8 @@ def export(
       workdir: a ``train.py`` workdir with at least one finished checkpoint.
       out: the export directory; created, or an earlier export replaced, in one rename
         (``_files.replace_dir``): a failure leaves what was there.
-      config: the config the run trained with; default: the one ``workdir`` recorded.
+      config: the config the run trained with; default: the one ``workdir`` recorded (one
+        given is checked against it, ``checkpoints.check_eval_config``).
       step: the checkpoint to export; default: the latest.
 
     Returns:
@@ -97,25 +83,24 @@ def export(
 
     Raises:
       ExportError: ``out`` is a file or a directory that is not an export (checked before the
-        checkpoint is read), or ``workdir`` has no recorded config.
-      FileNotFoundError: ``workdir`` holds no checkpoint (or no such ``step``).
+        checkpoint is read).
+      FileNotFoundError: ``workdir`` has no recorded config or holds no checkpoint (or no
+        such ``step``).
+      ValueError: ``config`` differs from the recorded one (naming the fields).
       CheckpointError: a parameter is not finite (nothing is written).
     """
-    from orbax.checkpoint import CheckpointManager
-
-    from rag_jax.checkpoints import load_trained
+    from rag_jax.checkpoints import open_workdir
     from rag_jax.models import save_bart, save_bert_encoder
 
     workdir, out = Path(workdir), Path(out)
     _check_target(out)
-    config = workdir_config(workdir) if config is None else config
-    model, question_tokenizer, generator_tokenizer = load_trained(config, str(workdir), step)
-    if step is None:  # the step load_trained read: the latest finished checkpoint
-        with CheckpointManager((workdir / "checkpoints").absolute()) as manager:
-            step = manager.latest_step()
+    run = open_workdir(workdir, config, step)
+    model, question_tokenizer, generator_tokenizer = (
+        run.model, run.question_tokenizer, run.generator_tokenizer
+    )  # fmt: skip
     record = {
-        "workdir": str(workdir.absolute()),
-        "step": step,
+        "workdir": str(run.workdir),
+        "step": run.step,
         "rag": dataclasses.asdict(model.config),
     }
     with _files.staged_dir(out) as staging:

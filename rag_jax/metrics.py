@@ -225,16 +225,24 @@ def score_record(
     answers_as_written: Sequence[str] = (),
     *,
     lenient: bool = False,
+    match_type: str = "string",
 ) -> dict:
     """Per-question scores of an evaluation record.
 
     Strict, always: ``em`` and ``f1`` if the record has a ``prediction``; ``recall@k`` for k in
-    RECALL_AT (a DPR ``has_answer`` hit in the text of one of the first k of ``texts``) if it
+    RECALL_AT (a DPR ``has_answer`` hit, ``match_type`` "string" or "regex" for answers that
+    are patterns as CuratedTrec's, in the text of one of the first k of ``texts``) if it
     has passages. With ``lenient``, also ``em_lenient``, ``f1_lenient`` (gold answers plus
     ``answers_as_written``, the answers as the generator's tokenizer writes them, except those
     it writes as nothing: an empty prediction is never right for an answer the tokenizer
-    cannot write) and ``recall@k_lenient`` (title and text searched).
+    cannot write) and ``recall@k_lenient`` (title and text searched; in "regex" mode with
+    the patterns).
+
+    Raises:
+      ValueError: ``match_type`` is not "string" or "regex".
     """
+    if match_type not in MATCH_TYPES:
+        raise ValueError(f"match_type must be one of {MATCH_TYPES}, got {match_type!r}")
     _check_answers(answers)
     scores = {}
     if "prediction" in record:
@@ -249,12 +257,15 @@ def score_record(
             scores["em_lenient"] = lenient_exact_match(prediction, accepted)
             scores["f1_lenient"] = lenient_f1(prediction, accepted)
     if "texts" in record:
-        hits = [has_answer(text, answers) for text in record["texts"]]
+        hits = [has_answer(text, answers, match_type) for text in record["texts"]]
         for k in RECALL_AT:
             scores[f"recall@{k}"] = float(any(hits[:k]))
         if lenient:
             pairs = zip(record["titles"], record["texts"], strict=True)
-            hits = [lenient_has_answer(f"{title} {text}", answers) for title, text in pairs]
+            if match_type == "regex":
+                hits = [has_answer(f"{title} {text}", answers, "regex") for title, text in pairs]
+            else:
+                hits = [lenient_has_answer(f"{title} {text}", answers) for title, text in pairs]
             for k in RECALL_AT:
                 scores[f"recall@{k}_lenient"] = float(any(hits[:k]))
     return scores

@@ -62,7 +62,11 @@ def test_demo_learns_and_rag_beats_closed_book_on_unseen_entities(demo):
     assert losses("rag_sequence")[-1] < 0.5 * losses("closed_book")[-1]
     # Only a model that retrieves can name entities it never saw as targets.
     assert results["rag_sequence"]["em"] > results["closed_book"]["em"]
-    assert results["rag_sequence"]["em"] >= 0.4
+    # The threshold was calibrated with the former exact match, now em_lenient; the strict
+    # (SQuAD v1.1) score is reported beside it.
+    assert results["rag_sequence"]["em_lenient"] >= 0.4
+    assert 0.0 <= results["rag_sequence"]["em"] <= 1.0
+    assert "Exact match lenient (test), RAG-Sequence" in (demo / "results.md").read_text()
     # The index hot swap (entities renamed in a copy of their passages): with the same
     # parameters, the answers follow the index; the old names are no longer given.
     swap = results["hot_swap"]

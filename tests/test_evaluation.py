@@ -367,3 +367,322 @@ def test_eval_cli_takes_both_flag_spellings(argv):
         cwd=root, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert done.stdout.split() == ["2", "True"]
+
+
+# --------------------------------------------------------------------------------------
+# Opening a trained workdir (Evaluator.from_workdir): its recorded config, its index
+# checked against the model, paths from any directory, text refused before writing. These
+# need a workdir as train.py leaves it, not trained weights: saved_workdir writes one.
+# --------------------------------------------------------------------------------------
+
+
+def saved_workdir(config, workdir: Path) -> Path:
+    """A workdir as ``train.py`` leaves it (config.json and a finished checkpoint of step 1),
+    of the initial model of ``config``: no train step is compiled or run."""
+    from rag_jax import checkpoints
+    from rag_jax.builders import build_model
+    from rag_jax.data import DataPosition
+    from rag_jax.host_retrieval import Retriever
+    from rag_jax.optim import make_optimizer, trainable
+    from rag_jax.sharding import make_mesh, place_on_mesh
+
+    mesh = make_mesh(config)
+    model, *_ = build_model(config, mesh)
+    tx, _ = make_optimizer(config)
+    optimizer = place_on_mesh(model, tx, mesh, config, trainable(config))
+    checkpoints.record_config(workdir, config)
+    with checkpoints.manager(workdir, config) as manager:
+        checkpoints.save(manager, 1, model, optimizer, DataPosition(), Retriever.snapshot(model))
+    assert checkpoints.latest_step(workdir) == 1
+    return workdir
+
+
+def toy_index(root: Path, encoder: Path, facts) -> Path:
+    """An exact index of ``facts`` built with ``encoder`` at ``root``."""
+    from rag_jax.index import build_index, load_text_encoder
+    from tests.toy import write_corpus
+
+    root.mkdir(parents=True, exist_ok=True)
+    build_index(
+        write_corpus(root / "corpus.jsonl", facts),
+        lambda: load_text_encoder(encoder, max_length=32),
+        root / "index", backend="exact", progress=False,
+    )  # fmt: skip
+    return root / "index"
+
+
+@pytest.fixture(scope="module")
+def opened(toy, tmp_path_factory):
+    """A saved toy workdir whose config names its paths relative to the directory it was
+    recorded from, and indexes that must not serve it: ``(root, workdir, indexes)``."""
+    from tests.toy import FACTS, tiny_config, tiny_encoder
+
+    root = tmp_path_factory.mktemp("opened")
+    for name in ("encoder", "index", "qa.jsonl"):
+        (root / name).symlink_to(toy / name)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        relative = tiny_config(Path("."))  # "encoder", "index", "qa.jsonl": relative paths
+        assert relative.data.index == "index" and relative.model.question_encoder == "encoder"
+        saved_workdir(relative, root / "run")
+    indexes = {
+        # Another document encoder of the same size and tokenizer: only the recorded weights
+        # tell it apart.
+        "other_weights": toy_index(root / "w", tiny_encoder(root / "enc_w", seed=1), FACTS),
+        # Another vector size: no query vector of this model can search it.
+        "other_dim": toy_index(root / "d", tiny_encoder(root / "enc_d", hidden_size=8), FACTS),
+        # The same encoder, 3 passages: fewer than the model's K = 8.
+        "three_passages": toy_index(root / "s", toy / "encoder", FACTS[:3]),
+    }
+    return root, root / "run", indexes
+
+
+def test_a_workdir_records_absolute_paths_and_opens_from_anywhere(opened, toy, monkeypatch):
+    from rag_jax.checkpoints import recorded_config
+
+    root, workdir, _ = opened
+    record = json.loads((workdir / "config.json").read_text())
+    # Recorded from root with relative paths: stored absolute (root / "index", not "index").
+    assert record["config"]["data"]["index"] == str(root / "index")
+    assert record["config"]["model"]["question_encoder"] == str(root / "encoder")
+    assert record["fingerprint"]["model"]["question_encoder"] == "encoder"  # resume unchanged
+    # The document encoder of the index trained with: the toy index's manifest's.
+    manifest = json.loads((toy / "index" / "manifest.json").read_text())
+    assert record["document_encoder"] == {
+        "encoder_name": manifest["encoder_name"],
+        "encoder_sha256": manifest["encoder_sha256"],
+        "dim": manifest["dim"],
+    }
+    elsewhere = root / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # where none of the relative paths exists
+    evaluator = Evaluator.from_workdir(
+        Path("..") / "run", EvalSettings(retrieval_only=True, batch_size=8)
+    )
+    assert evaluator.checkpoint_step == 1 and evaluator.n_docs == 8
+    assert evaluator.knowledge.path == root / "index"
+    (record,) = evaluator.answer(["capital city on the northern river"])
+    assert sorted(record["retrieved_ids"]) == list(range(8))  # all 8 passages, each once
+    # A workdir recorded before paths were made absolute opens as it did: relative to the
+    # current directory.
+    old = {**record_of(workdir), "config": recorded_config(workdir).to_dict()}
+    old["config"]["data"]["index"] = "index"
+    old.pop("document_encoder")
+    (root / "old").mkdir()
+    (root / "old" / "config.json").write_text(json.dumps(old))
+    (root / "old" / "checkpoints").symlink_to(workdir / "checkpoints")
+    monkeypatch.chdir(root)
+    assert recorded_config("old").data.index == str(root / "index")
+    assert Evaluator.from_workdir("old", EvalSettings(retrieval_only=True)).knowledge.path == (
+        root / "index"
+    )
+
+
+def record_of(workdir: Path) -> dict:
+    return json.loads((workdir / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "field, value, there, now",
+    [
+        ("rag.doc_score_scale", 20.0, "1.0", "20.0"),
+        ("rag.max_context_length", 40, "48", "40"),
+        ("rag.max_question_length", 16, "32", "16"),
+        ("rag.title_sep", " | ", "' / '", "' | '"),
+        ("rag.doc_sep", " \\n ", "' // '", "' \\\\n '"),
+        ("rag.prefix", "answer: ", "''", "'answer: '"),
+        ("rag.marginalization", "token", "'sequence'", "'token'"),
+        ("model.generator_init.d_model", 64, "32", "64"),
+    ],
+)
+def test_a_config_differing_from_the_recorded_one_is_refused(opened, field, value, there, now):
+    """What changes p(z|x), the generator's inputs or the parameters: refused, naming the
+    field and both values, before any weight is read."""
+    from rag_jax.checkpoints import check_eval_config, recorded_config
+
+    _, workdir, _ = opened
+    config = recorded_config(workdir)
+    *parents, leaf = field.split(".")
+    node = config
+    for parent in parents:
+        node = node[parent]
+    node[leaf] = value
+    expected = f"{field} {there} there, {now} now"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        check_eval_config(config, recorded_config(workdir), workdir)
+    with pytest.raises(ValueError, match=re.escape(expected) + ".*omit --config"):
+        Evaluator.from_workdir(workdir, EvalSettings(retrieval_only=True), config=config)
+
+
+def test_a_config_may_change_what_evaluation_sets(opened, tmp_path):
+    """K, the data, the training's settings, compute precision: not compared."""
+    from rag_jax.checkpoints import EVAL_MAY_DIFFER, check_eval_config, recorded_config
+
+    _, workdir, _ = opened
+    config = recorded_config(workdir)
+    config.rag.n_docs = 3
+    config.rag.label_smoothing = 0.1
+    config.model.bf16 = True
+    config.model.remat = True
+    config.data.train = str(tmp_path / "other.jsonl")
+    config.optimizer.learning_rate = 1.0
+    config.seed = 7
+    assert {"rag.n_docs", "rag.label_smoothing", "model.bf16", "model.remat"} <= set(
+        EVAL_MAY_DIFFER
+    )
+    check_eval_config(config, recorded_config(workdir), workdir)  # does not raise
+
+
+def test_every_index_opened_for_a_trained_model_is_checked(opened, tmp_path):
+    """--index, the config's data.index, a swap, a workdir recorded before the document
+    encoder was: each refused when the index was built for another encoder or holds fewer
+    passages than K; the index serving before a refused swap keeps serving."""
+    from rag_jax.checkpoints import recorded_config
+    from rag_jax.index import IndexMismatchError, KnowledgeSource
+
+    root, workdir, indexes = opened
+    settings = EvalSettings(retrieval_only=True)
+    sha = record_of(workdir)["document_encoder"]["encoder_sha256"][:12]
+    with pytest.raises(IndexMismatchError, match=re.escape(sha)):  # the recorded weights
+        Evaluator.from_workdir(workdir, settings, index=indexes["other_weights"])
+    config = recorded_config(workdir)
+    config.data.index = str(indexes["other_weights"])  # allowed to differ, but checked
+    with pytest.raises(IndexMismatchError, match=re.escape(sha)):
+        Evaluator.from_workdir(workdir, settings, config=config)
+    with pytest.raises(IndexMismatchError, match=r"holds 8-dim vectors .* query vectors are 16"):
+        Evaluator.from_workdir(workdir, settings, index=indexes["other_dim"])
+    with pytest.raises(IndexMismatchError, match="holds 3 passages, fewer than the 8 documents"):
+        Evaluator.from_workdir(workdir, settings, index=indexes["three_passages"])
+    # A workdir recorded before the document encoder was: the config's index stands for it.
+    old = tmp_path / "old"
+    old.mkdir()
+    record = record_of(workdir)
+    del record["document_encoder"]
+    (old / "config.json").write_text(json.dumps(record))
+    (old / "checkpoints").symlink_to(workdir / "checkpoints")
+    with pytest.raises(IndexMismatchError, match=re.escape(sha)):
+        Evaluator.from_workdir(old, settings, index=indexes["other_weights"])
+
+    evaluator = Evaluator.from_workdir(workdir, settings)
+    question = ["capital city on the northern river"]
+    before = evaluator.answer(question)
+    for name, message in [
+        ("other_weights", "weights sha256"),
+        ("other_dim", "8-dim"),
+        ("three_passages", "holds 3 passages, fewer than the 8 documents"),
+    ]:
+        with pytest.raises(IndexMismatchError, match=message):
+            evaluator.knowledge.swap(indexes[name])
+        assert evaluator.knowledge.path == root / "index" and evaluator.answer(question) == before
+    # An Evaluator given an unchecked KnowledgeSource checks it itself (vector size here).
+    model, tokenizers = evaluator.model, (evaluator.question_tokenizer,)
+    tokenizers += (evaluator.generator_tokenizer,)
+    with pytest.raises(IndexMismatchError, match="8-dim"):
+        Evaluator(model, *tokenizers, KnowledgeSource(indexes["other_dim"]), settings)
+    # ... and holds every later swap to K; with K = 2, three passages serve.
+    small = Evaluator(model, *tokenizers, KnowledgeSource(root / "index"), settings)
+    with pytest.raises(IndexMismatchError, match="fewer than the 8 documents"):
+        small.knowledge.swap(indexes["three_passages"])
+    two = Evaluator(
+        model, *tokenizers, KnowledgeSource(root / "index"),
+        dataclasses.replace(settings, n_docs=2),
+    )  # fmt: skip
+    two.knowledge.swap(indexes["three_passages"])
+    assert sorted(two.answer(question)[0]["retrieved_ids"]) == [0, 1, 2]
+
+
+def test_a_lone_surrogate_is_refused_naming_file_and_line(opened, tmp_path, capsys):
+    """A JSON \\ud800 escape decodes to a lone surrogate, which no tokenizer or UTF-8 writer
+    takes: refused on reading, naming file and line, before an output file exists."""
+    from rag_jax import ask
+    from rag_jax.data import QAFormatError, read_qa
+    from rag_jax.evaluation import evaluate
+
+    _, workdir, _ = opened
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        '{"question": "red stone bridge", "answers": ["Vesk"]}\n'
+        '{"question": "bridge \\ud800", "answers": ["Vesk"]}\n'
+    )
+    assert "\\ud800" in data.read_text()  # the escape itself, as JSON spells it
+    expected = f"{data}:2: 'question' holds a lone surrogate '\\ud800' at character 7"
+    with pytest.raises(QAFormatError, match=re.escape(expected)):
+        read_qa(data)
+    data.write_text('{"question": "red stone bridge", "answers": ["Ve\\udc80sk"]}\n')
+    with pytest.raises(QAFormatError, match=re.escape(f"{data}:1: an answer holds a lone")):
+        read_qa(data)
+    evaluator = Evaluator.from_workdir(workdir, EvalSettings(retrieval_only=True))
+    with pytest.raises(QAFormatError, match=re.escape(f"{data}:1:")):
+        evaluate(evaluator, data, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"question": "red stone bridge"}\n{"question": "x \\ud800"}\n')
+    out = tmp_path / "answers.jsonl"
+    argv = ["--workdir", str(workdir), "--questions", str(questions), "--out", str(out)]
+    assert ask.main(argv) == 1
+    assert capsys.readouterr().err == (
+        f"error: {questions}:2: 'question' holds a lone surrogate '\\ud800' at character 2: "
+        "not Unicode text\n"
+    )
+    assert not out.exists() and not out.with_name(out.name + ".partial").exists()
+    assert ask.main(["--workdir", str(workdir), "bridge \udcff"]) == 1
+    assert "the question holds a lone surrogate '\\udcff'" in capsys.readouterr().err
+
+
+def test_eval_cli_needs_no_config_and_runs_from_anywhere(opened, toy, tmp_path):
+    """eval.py --workdir with no --config, from another directory: the recorded config."""
+    root, workdir, _ = opened
+    eval_py = Path(__file__).resolve().parents[1] / "eval.py"
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(eval_py), "--workdir", str(workdir), "--data", "qa.jsonl",
+         "--retrieval_only", "--out", str(out)],
+        cwd=toy, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    identity = json.loads((out / "eval_settings.json").read_text())
+    assert identity["index"]["path"] == str((root / "index").resolve())
+    assert identity["checkpoint_step"] == 1 and identity["n_docs"] == 8
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 8
+
+
+def test_recall_in_regex_mode_reads_the_answers_as_patterns():
+    """DPR's has_answer regex mode (CuratedTrec's patterns), reached from EvalSettings."""
+    record = {
+        "titles": ["Leonardo", "Vinci"],
+        "texts": ["He lived from 1452 to 1519.", "A town in Tuscany."],
+    }
+    answers = ["15[0-9][0-9]"]
+    # String mode: the pattern's tokens "15", "[", "0", "-", ... are not in the text: no hit.
+    strict = score_record(record, answers)
+    assert strict["recall@1"] == 0.0 and strict["recall@5"] == 0.0
+    # Regex mode: the pattern, case-insensitive, is searched in the first passage's text and
+    # finds "1452" (15.. does not match it) and "1519": a hit at rank 1.
+    regex = score_record(record, answers, match_type="regex")
+    assert regex["recall@1"] == 1.0 and regex["recall@5"] == 1.0
+    # A pattern found only in the second passage: a hit at rank 2, within the top 5 only.
+    later = score_record(record, ["tusc[a-z]+"], match_type="regex")
+    assert (later["recall@1"], later["recall@5"]) == (0.0, 1.0)
+    # The lenient recall in regex mode searches title and text with the pattern.
+    titled = score_record(record, ["^leonardo"], match_type="regex", lenient=True)
+    assert (titled["recall@1"], titled["recall@1_lenient"]) == (0.0, 1.0)
+    assert EvalSettings(match="regex").match == "regex"
+    with pytest.raises(ValueError, match="match must be one of"):
+        EvalSettings(match="glob")
+    with pytest.raises(ValueError, match="match_type must be one of"):
+        score_record(record, answers, match_type="glob")
+
+
+def test_eval_cli_takes_match():
+    code = (
+        "import sys, eval; from absl import flags; flags.FLAGS(['eval.py', *sys.argv[1:]]); "
+        "print(flags.FLAGS.match)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    required = ["--workdir=unused", "--data=unused"]  # no --config: it is optional
+    done = subprocess.run(
+        [sys.executable, "-c", code, *required, "--match=regex"],
+        cwd=root, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert done.stdout.split() == ["regex"]

@@ -42,12 +42,12 @@ FACTS = [  # (title = answer, passage text, question)
 ]
 
 
-def tiny_encoder(path: Path) -> Path:
+def tiny_encoder(path: Path, *, seed: int = 0, hidden_size: int = 16) -> Path:
     config = BertConfig(
-        vocab_size=30522, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        vocab_size=30522, hidden_size=hidden_size, num_hidden_layers=1, num_attention_heads=2,
         intermediate_size=32, max_position_embeddings=64,
     )  # fmt: skip
-    save_bert_encoder(BertEncoder(config, pooling="mean", rngs=nnx.Rngs(0)), path)
+    save_bert_encoder(BertEncoder(config, pooling="mean", rngs=nnx.Rngs(seed)), path)
     for name in TOKENIZER_FILES:
         shutil.copy(MINILM_DIR / name, path / name)
     return path

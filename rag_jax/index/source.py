@@ -210,6 +210,11 @@ class KnowledgeSource:
       encoder_sha256, encoder_name, encoder_preprocessing: the document encoder every index must
         have been built with (None: that of the first index).
       dim: the query embedding size every index must match (None: that of the first index).
+      min_passages: the fewest passages every index must hold (a reader of K documents a
+        question needs K); :meth:`require_passages` raises it later.
+
+    Raises:
+      IndexMismatchError: as :func:`load_index`, or an index with fewer than ``min_passages``.
     """
 
     def __init__(
@@ -224,7 +229,9 @@ class KnowledgeSource:
         mesh: Mesh | None = None,
         chunk_size: int = 16384,
         approx_recall: float | None = None,
+        min_passages: int = 1,
     ):
+        self.min_passages = min_passages
         self._options = dict(
             backend=backend, mesh=mesh, chunk_size=chunk_size, approx_recall=approx_recall
         )
@@ -235,12 +242,37 @@ class KnowledgeSource:
             encoder_preprocessing=encoder_preprocessing,
         )
         self._lock = threading.Lock()
-        self._current = load_index(index_dir, **self._expect, **self._options)
+        self._current = self._load(index_dir)
         # Later swaps must match the first index: same query space, same document encoder.
         self._expect["dim"] = self._current.manifest.dim
         self._expect["encoder_sha256"] = self._current.manifest.encoder_sha256
         self._expect["encoder_name"] = self._current.manifest.encoder_name
         self._expect["encoder_preprocessing"] = self._current.manifest.encoder_preprocessing
+
+    def _load(self, index_dir: str | os.PathLike) -> LoadedIndex:
+        loaded = load_index(index_dir, **self._expect, **self._options)
+        if loaded.manifest.count < self.min_passages:
+            raise IndexMismatchError(
+                f"index {index_dir} holds {loaded.manifest.count} passages, fewer than the "
+                f"{self.min_passages} documents each question reads (n_docs)"
+            )
+        return loaded
+
+    def require_passages(self, n_docs: int) -> None:
+        """From now on every index, the current one and any swapped in, must hold at least
+        ``n_docs`` passages (K, the documents a reader takes per question).
+
+        Raises:
+          IndexMismatchError: the current index holds fewer (nothing changes then).
+        """
+        with self._lock:
+            count = self._current.manifest.count
+            if count < n_docs:
+                raise IndexMismatchError(
+                    f"index {self._current.path} holds {count} passages, fewer than the "
+                    f"{n_docs} documents each question reads (n_docs)"
+                )
+            self.min_passages = max(self.min_passages, n_docs)
 
     @property
     def index(self) -> Index:
@@ -275,9 +307,9 @@ class KnowledgeSource:
         """Replaces index and passages with those of ``index_dir``; returns the new manifest.
 
         Raises :class:`IndexMismatchError` (and keeps the current index) if the new directory was
-        built with another encoder or dim.
+        built with another encoder or dim, or holds fewer than ``min_passages`` passages.
         """
         with self._lock:
-            loaded = load_index(index_dir, **self._expect, **self._options)
+            loaded = self._load(index_dir)
             self._current = loaded
             return loaded.manifest

@@ -104,6 +104,13 @@ def _example(record: object) -> QAExample:
         raise ValueError("'answers' must be a non-empty list of strings")
     if not all(isinstance(a, str) and a.strip() for a in answers):
         raise ValueError("every answer must be a non-empty string")
+    for field, text in (("question", question), *(("answer", a) for a in answers)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate ("\ud800"): no tokenizer reads it
+            raise ValueError(
+                f"the {field} holds {text[error.start]!r}, a lone surrogate, not a character"
+            ) from None
     return QAExample(question.strip(), tuple(a.strip() for a in answers))
 
 

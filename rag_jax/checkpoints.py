@@ -111,7 +111,7 @@ def saved_steps(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
-def check_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
+def check_workdir(workdir: Path, config: ml_collections.ConfigDict, lock: bool = True) -> None:
     """Refuses a workdir this run must not write. Reads only: nothing is written before every
     input has been checked (:func:`record_config`).
 
@@ -128,7 +128,8 @@ def check_workdir(workdir: Path, config: ml_collections.ConfigDict) -> None:
         raise WorkdirError(f"--workdir {workdir} exists and is not a directory; {how}")
     if not workdir.is_dir():
         return
-    holder = lock_holder(workdir)
+    # ``lock``: whether this process takes the lock (process 0); the others run beside it.
+    holder = lock_holder(workdir) if lock else None
     if holder is not None:
         raise WorkdirError(
             f"another run ({holder}) is training in {workdir}; wait for it, or {how}"

@@ -188,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # leaves the workdir as it was, and the corrected command is not refused for it.
     checkpoints.check_settings(config)
     builders.check_paths(config)
-    checkpoints.check_workdir(workdir, config)
+    checkpoints.check_workdir(workdir, config, lock=jax.process_index() == 0)
     examples, n_bad = read_qa(config.data.train, skip_bad=config.data.skip_bad_lines)
     if n_bad:
         log.warning("skipped %d bad lines of %s", n_bad, config.data.train)

@@ -6,6 +6,7 @@ under SLURM), or name it: ``--coordinator=HOST:PORT --num_processes=N --process_
 """
 
 import logging
+import signal
 import sys
 
 import jax
@@ -14,7 +15,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rag_jax._cli import parse_flags
-from rag_jax.training import train
+from rag_jax.training import StoppedError, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).")
@@ -43,6 +44,16 @@ def main(argv):
         train(FLAGS.config, FLAGS.workdir)
     except (ValueError, OSError) as error:  # bad input or files: one line, no traceback
         sys.exit(f"error: {error}")
+    except StoppedError as stopped:  # SIGINT or SIGTERM: the step is saved; not a finished run
+        print(f"train.py: {stopped}", file=sys.stderr)
+        sys.exit(128 + signal.Signals[stopped.signal_name].value)
+    except KeyboardInterrupt:  # Ctrl-C before the first step, or a second one
+        print(
+            "train.py: interrupted before a save; run the same command to resume from the "
+            "latest checkpoint",
+            file=sys.stderr,
+        )
+        sys.exit(128 + signal.SIGINT)
 
 
 if __name__ == "__main__":

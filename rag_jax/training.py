@@ -12,6 +12,7 @@ the data position, so a run resumes where it stopped (:mod:`rag_jax.checkpoints`
 from __future__ import annotations
 
 import collections
+import contextlib
 import copy
 import logging
 import signal
@@ -113,24 +114,43 @@ def device_train_step(
     }
 
 
+class StoppedError(Exception):
+    """A run stopped by SIGINT or SIGTERM after saving the current step: ``signal_name``,
+    ``step`` (saved) and ``workdir`` (where the same command resumes)."""
+
+    def __init__(self, signal_name: str, step: int, workdir: Path):
+        self.signal_name, self.step, self.workdir = signal_name, step, workdir
+        super().__init__(
+            f"stopped by {signal_name} after saving step {step} in {workdir / 'checkpoints'}; "
+            f"run the same command to resume from it"
+        )
+
+
 class Preempted:
-    """Set by SIGTERM: the loop saves a checkpoint and returns."""
+    """Set by SIGTERM or SIGINT (Ctrl-C): the loop saves the current step and stops. A second
+    SIGINT stops at once, as Python's default does (KeyboardInterrupt), without a save."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
-        self.flag = False
+        self.signal_name = ""
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGTERM, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame):
-        self.flag = True
+        if self.signal_name and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        log.warning("%s: saving at the end of this step, then stopping", self.signal_name)
 
     def __bool__(self) -> bool:
-        return self.flag
+        return bool(self.signal_name)
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 def make_retriever(
@@ -164,8 +184,11 @@ def make_retriever(
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as ``config`` says, checkpointing to ``workdir``; returns the last metrics."""
     workdir = Path(workdir)
+    # Every check, down to the first batch's, before anything is written: a start refused
+    # leaves the workdir as it was, and the corrected command is not refused for it.
+    checkpoints.check_settings(config)
     builders.check_paths(config)
-    checkpoints.check_workdir(workdir, config)
+    checkpoints.check_workdir(workdir, config, lock=jax.process_index() == 0)
     examples, n_bad = read_qa(config.data.train, skip_bad=config.data.skip_bad_lines)
     if n_bad:
         log.warning("skipped %d bad lines of %s", n_bad, config.data.train)
@@ -174,29 +197,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     retriever = make_retriever(config, model, tokenizers, examples, mesh)
     tx, schedule = optim.make_optimizer(config)
     optimizer = sharding.place_on_mesh(model, tx, mesh, config, optim.trainable(config))
-    # Every input has been checked: only now is anything written to the workdir.
-    if jax.process_index() == 0:
-        checkpoints.record_config(workdir, config)
+    process_0 = jax.process_index() == 0  # the one that writes the record and takes the lock
 
-    with checkpoints.manager(workdir, config) as manager, retriever:
-        step, position, snapshot = 0, DataPosition(), retriever.snapshot(model)
-        if manager.latest_step() is not None:
-            step, position, snapshot = checkpoints.restore(
-                manager, model, optimizer, snapshot=snapshot
-            )
+    with retriever, _workdir_lock(workdir, process_0), contextlib.ExitStack() as stack:
+        step, position, snapshot, damaged = checkpoints.resume(
+            workdir, config, model, optimizer, retriever.snapshot(model)
+        )
+        if step:
             log.info(
                 "resumed from step %d (epoch %d, example %d)", step, position.epoch, position.index
             )
+        # The first batch: retrieved with the snapshot a resumed run restored, else with
+        # the initial query encoder; each next one while the step before it runs.
+        pending = _submit(retriever, examples, position, snapshot, config)
+        pending[0].result()  # its errors (e.g. a target length too short) before any write
+        if process_0:
+            checkpoints.record_config(workdir, config)
+            checkpoints.set_aside(damaged)
+        manager = stack.enter_context(checkpoints.manager(workdir, config))
         monitor = _Monitor(config, model, optimizer, schedule, retriever.n_passages)
         with (
-            MetricsWriter(workdir, jax.process_index() == 0, resumed_from=step) as writer,
+            MetricsWriter(workdir, process_0, resumed_from=step) as writer,
             _progress_bar(config, step) as bar,
             Preempted() as preempted,
             jax.set_mesh(mesh),
         ):
-            # The first batch: retrieved with the snapshot a resumed run restored, else with
-            # the initial query encoder; each next one while the step before it runs.
-            pending = _submit(retriever, examples, position, snapshot, config)
             while step < config.train_steps:
                 t0 = time.perf_counter()
                 (prepared, host_seconds), position = pending[0].result(), pending[1]
@@ -223,9 +248,31 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if step % config.checkpoint.every == 0 or step == config.train_steps or preempted:
                     checkpoints.save(manager, step, model, optimizer, position, snapshot)
                 if preempted:
-                    log.warning("SIGTERM: saved step %d and stopped", step)
+                    log.warning("%s: saved step %d and stopped", preempted.signal_name, step)
                     break
+    if preempted:
+        raise StoppedError(preempted.signal_name, step, workdir)
     return monitor.last
+
+
+@contextlib.contextmanager
+def _workdir_lock(workdir: Path, process_0: bool):
+    """The workdir's lock (:func:`rag_jax.checkpoints.locked`), held by process 0 (the one
+    that writes) while the run reads its checkpoints and writes; the workdir (and any missing
+    parent) is created for it, and removed again if the run wrote nothing there."""
+    if not process_0:
+        yield
+        return
+    created = [p for p in (workdir, *workdir.parents) if not p.exists()]
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        with checkpoints.locked(workdir):
+            yield
+    finally:
+        for directory in created:  # deepest first: a start refused leaves no directory
+            if any(directory.iterdir()):
+                break
+            directory.rmdir()
 
 
 def _submit(retriever: Retriever, examples, position: DataPosition, snapshot, config):

@@ -224,8 +224,6 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         )
 
 
-
-
 def record_config(workdir: Path, config: ml_collections.ConfigDict) -> None:
     """Creates ``workdir`` and writes ``config.json`` (atomically) once the inputs are good.
 
@@ -303,8 +301,8 @@ def check_eval_config(
     given, saved = builders.resolve_paths(config), builders.resolve_paths(recorded)
     differ = []
     for section in ("model", "rag"):
-        now = _flat(given[section].to_dict(), f"{section}.")
-        there = _flat(saved[section].to_dict(), f"{section}.")
+        now = _flat(given[section].to_dict(), section)
+        there = _flat(saved[section].to_dict(), section)
         differ += [
             f"{key} {there.get(key)!r} there, {now.get(key)!r} now"
             for key in sorted(now.keys() | there.keys())
@@ -315,16 +313,6 @@ def check_eval_config(
             f"the config differs from the one {workdir} was trained with ({'; '.join(differ)}); "
             "omit --config to evaluate with the recorded one"
         )
-
-
-def _flat(value: dict, prefix: str) -> dict:
-    flat = {}
-    for key, item in value.items():
-        if isinstance(item, dict):
-            flat.update(_flat(item, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = item
-    return flat
 
 
 @dataclasses.dataclass(frozen=True)

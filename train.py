@@ -14,7 +14,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rag_jax._cli import parse_flags
-from rag_jax.training import train
+from rag_jax.training import NonFiniteError, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).")
@@ -41,7 +41,7 @@ def main(argv):
         )
     try:
         train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, OSError) as error:  # bad input or files: one line, no traceback
+    except (ValueError, OSError, NonFiniteError) as error:  # one line, no traceback
         sys.exit(f"error: {error}")
 
 

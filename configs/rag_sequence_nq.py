@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.001  # AdamW decoupled weight decay (finetune_rag)
     config.optimizer.max_grad_norm = 0.1  # global-norm gradient clipping (finetune_rag)
     config.optimizer.grad_accum_steps = 1  # micro-batches per optimizer update
-    config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates skipped before failing
+    config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates in a row that stop the run
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = 1  # devices on the data axis

@@ -82,7 +82,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay
     config.optimizer.max_grad_norm = 1.0  # global-norm gradient clipping
     config.optimizer.grad_accum_steps = 1  # micro-batches per optimizer update
-    config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates skipped before failing
+    config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates in a row that stop the run
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = 1  # devices on the data axis

@@ -60,21 +60,35 @@ def loss_fn(model: RagModel, batch: RagBatch):
     return loss, (nll, doc_scores, counted)
 
 
-def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
-    """One optimizer step; returns the step's measurements (device scalars)."""
+def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch, objective=loss_fn) -> dict:
+    """One optimizer step; returns the step's measurements (device scalars), with
+    ``finite_loss`` and ``finite_grad_<part>`` (the query encoder's and the generator's) that
+    say what, if anything, was non-finite. A non-finite loss makes every gradient NaN, so that
+    the optimizer skips the update (:func:`rag_jax.optim.skip_nonfinite`) even where the
+    gradients stayed finite."""
     # Only what the optimizer trains is differentiated (frozen parameters get no gradient).
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
+    grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
     (loss, (nll, doc_scores, counted)), grads = grad_fn(model, batch)
+    finite_grads = {
+        f"finite_grad_{part}": jnp.isfinite(optax.tree.norm(grads[part]))
+        for part in ("query_encoder", "generator")
+        if part in grads
+    }
+    grad_norm = optax.tree.norm(grads)
+    finite_loss = jnp.isfinite(loss)
+    grads = jax.tree.map(lambda g: jnp.where(finite_loss, g, jnp.nan), grads)
     optimizer.update(model, grads)
     n_tokens = jnp.sum(batch.target_mask * counted[:, None])
     return {
         "loss": loss,  # per sequence: mean over questions of -log p(y|x)
         "loss_per_token": jnp.sum(nll) / jnp.maximum(n_tokens, 1),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "doc_entropy": jnp.sum(jnp.where(counted, doc_entropy(doc_scores), 0.0))
         / jnp.maximum(jnp.sum(counted), 1),
         "questions_without_docs": jnp.sum(~has_documents(doc_scores)),
         "top_doc_prob": jnp.mean(jnp.max(jax.nn.softmax(doc_scores, axis=-1), axis=-1)),
+        "finite_loss": finite_loss,
+        **finite_grads,
     }
 
 
@@ -82,6 +96,29 @@ def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
 def train_step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
     """One optimizer step on a batch retrieved on the host; the step's measurements."""
     return _step(model, optimizer, batch)
+
+
+def _device_step(
+    model: RagModel,
+    optimizer: nnx.Optimizer,
+    corpus: device_retrieval.DeviceCorpus,
+    retrieval_state: nnx.State,
+    questions: device_retrieval.QuestionBatch,
+    objective=loss_fn,
+) -> dict:
+    """:func:`device_train_step`, unjitted (``objective``: the loss differentiated)."""
+    query_encoder = nnx.merge(nnx.graphdef(model.query_encoder), retrieval_state)
+    batch, doc_ids, n_cut = device_retrieval.retrieve(
+        query_encoder, corpus, questions, model.config
+    )
+    # Split the batch over the mesh as the host path's batch is: the same partitioned step
+    # (and each device computes its own rows, not all of them).
+    by_row = PartitionSpec(partitioning.MESH_AXES)
+    batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_row), batch)
+    return _step(model, optimizer, batch, objective) | {
+        "doc_ids": jax.lax.with_sharding_constraint(doc_ids, by_row),
+        "n_cut": jax.lax.with_sharding_constraint(n_cut, by_row),
+    }
 
 
 @nnx.jit(donate_argnums=(0, 1))
@@ -99,18 +136,25 @@ def device_train_step(
     add the retrieved ``doc_ids`` (B, K) and ``n_cut`` (B,), the generator inputs cut, split
     like the batch.
     """
-    query_encoder = nnx.merge(nnx.graphdef(model.query_encoder), retrieval_state)
-    batch, doc_ids, n_cut = device_retrieval.retrieve(
-        query_encoder, corpus, questions, model.config
-    )
-    # Split the batch over the mesh as the host path's batch is: the same partitioned step
-    # (and each device computes its own rows, not all of them).
-    by_row = PartitionSpec(partitioning.MESH_AXES)
-    batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_row), batch)
-    return _step(model, optimizer, batch) | {
-        "doc_ids": jax.lax.with_sharding_constraint(doc_ids, by_row),
-        "n_cut": jax.lax.with_sharding_constraint(n_cut, by_row),
-    }
+    return _device_step(model, optimizer, corpus, retrieval_state, questions)
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped: ``optimizer.max_consecutive_nonfinite`` updates in a row were
+    non-finite (none of them applied, nothing saved after the last finite one)."""
+
+
+def _nonfinite_parts(metrics: dict) -> list[str]:
+    """Pops the step's ``finite_*`` flags; the quantities that were not finite: the loss
+    (whose gradients then are too), else the gradient norm of each part that was not."""
+    flags = jax.device_get({k: metrics.pop(k) for k in list(metrics) if k.startswith("finite_")})
+    if not flags.get("finite_loss", True):
+        return ["loss"]
+    return [
+        f"gradient norm of the {part.replace('_', ' ')}"
+        for part in ("query_encoder", "generator")
+        if not flags.get(f"finite_grad_{part}", True)
+    ]
 
 
 class Preempted:
@@ -165,6 +209,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains as ``config`` says, checkpointing to ``workdir``; returns the last metrics."""
     workdir = Path(workdir)
     builders.check_paths(config)
+    if config.optimizer.max_consecutive_nonfinite < 1:
+        raise ValueError(
+            "config.optimizer.max_consecutive_nonfinite must be >= 1, got "
+            f"{config.optimizer.max_consecutive_nonfinite}"
+        )
     checkpoints.check_workdir(workdir, config)
     examples, n_bad = read_qa(config.data.train, skip_bad=config.data.skip_bad_lines)
     if n_bad:
@@ -207,6 +256,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t1 = time.perf_counter()
                 metrics, doc_ids, n_truncated = retriever.step(model, optimizer, prepared)
                 step += 1
+                _check_finite(step, _nonfinite_parts(metrics), optimizer, config, manager)
                 device_seconds = time.perf_counter() - t1
                 monitor.add(doc_ids, n_truncated)
                 if step % config.log_every == 0 or step == config.train_steps:
@@ -226,6 +276,29 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     log.warning("SIGTERM: saved step %d and stopped", step)
                     break
     return monitor.last
+
+
+def _check_finite(step: int, nonfinite: list[str], optimizer, config, manager) -> None:
+    """Warns of a skipped (non-finite) update; raises :class:`NonFiniteError` at the
+    ``optimizer.max_consecutive_nonfinite``-th in a row."""
+    consecutive, _ = optim.nonfinite_updates(optimizer.opt_state)
+    if not nonfinite and not consecutive:
+        return
+    what = ", ".join(nonfinite) or "gradient"
+    limit = config.optimizer.max_consecutive_nonfinite
+    if consecutive < limit:
+        log.warning("step %d: non-finite %s; update skipped (%d in a row)", step, what, consecutive)
+        return
+    latest = manager.latest_step()
+    saved = (
+        f"the last checkpoint, step {latest} in {manager.directory}, is intact"
+        if latest is not None
+        else "no checkpoint was saved"
+    )
+    raise NonFiniteError(
+        f"step {step}: non-finite {what}; {consecutive} updates in a row were non-finite "
+        f"(optimizer.max_consecutive_nonfinite={limit}), none applied; stopped: {saved}"
+    )
 
 
 def _submit(retriever: Retriever, examples, position: DataPosition, snapshot, config):

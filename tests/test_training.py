@@ -2,8 +2,11 @@
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from rag_jax.training import train
 
@@ -70,3 +73,83 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode != 0 and f"{bad}:2:" in done.stderr, done.stderr
+
+
+def _nan_from(optimizer, first_nan: int):
+    """A loss that is NaN from the ``first_nan``-th call of the step on (1-based)."""
+    from rag_jax.training import loss_fn
+
+    poison = jnp.where(optimizer.step[...] + 1 >= first_nan, jnp.nan, 1.0)
+
+    def objective(model, batch):
+        loss, aux = loss_fn(model, batch)
+        return loss * poison, aux
+
+    return objective
+
+
+def _poison_steps(monkeypatch, first_nan: int) -> None:
+    """Replaces both train steps by ones whose loss is NaN from step ``first_nan`` on."""
+    from rag_jax import training
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def host_step(model, optimizer, batch):
+        return training._step(model, optimizer, batch, _nan_from(optimizer, first_nan))
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def device_step(model, optimizer, corpus, retrieval_state, questions):
+        objective = _nan_from(optimizer, first_nan)
+        return training._device_step(
+            model, optimizer, corpus, retrieval_state, questions, objective
+        )
+
+    monkeypatch.setattr(training, "train_step", host_step)
+    monkeypatch.setattr(training, "device_train_step", device_step)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        {},
+        {"data.retrieval": "device"},
+        {"rag.marginalization": "closed_book"},
+        {"model.bf16": True, "optimizer.freeze": "^query_encoder/"},
+    ],
+    ids=["host", "device", "closed_book", "bf16_frozen_query_encoder"],
+)
+def test_nonfinite_steps_stop_the_run_and_leave_the_checkpoints_intact(
+    toy, tmp_path, monkeypatch, path
+):
+    """NaN losses from step 3 on, max_consecutive_nonfinite=3: steps 3 and 4 are skipped (the
+    checkpoint of step 4 holds step 2's parameters), step 5 stops the run with one error naming
+    the step and the loss; both checkpoints are kept, finite and restorable."""
+    from rag_jax.checkpoints import load_trained
+    from rag_jax.training import NonFiniteError
+
+    _poison_steps(monkeypatch, first_nan=3)
+    config = tiny_config(
+        toy,
+        train_steps=10,
+        log_every=1,
+        **{"checkpoint.every": 2, "checkpoint.keep": 2, "rag.n_docs": 4},
+        **{"optimizer.max_consecutive_nonfinite": 3},
+        **path,
+    )
+    workdir = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as error:
+        train(config, str(workdir))
+    message = str(error.value)
+    assert message.startswith("step 5: non-finite loss;"), message
+    assert "max_consecutive_nonfinite=3" in message and "step 4" in message, message
+    metrics = read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["skipped_updates"] for m in metrics] == [0, 0, 1, 2]
+    assert all(np.isfinite(m["loss"]) for m in metrics[:2])
+    assert not any(np.isfinite(m["loss"]) for m in metrics[2:])
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+    params = {
+        step: jax.tree.map(np.asarray, nnx.state(load_trained(config, workdir, step)[0], nnx.Param))
+        for step in (2, 4)
+    }
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params[4]))
+    jax.tree.map(np.testing.assert_array_equal, params[4], params[2])

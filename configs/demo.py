@@ -39,7 +39,6 @@ def get_config() -> ml_collections.ConfigDict:
             encoder_ffn_dim=1536,
             decoder_ffn_dim=1536,
             max_position_embeddings=64,
-            dropout=0.0,
         )
     )
 

@@ -56,6 +56,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.generator = "checkpoints/bart-large"  # the generator: pre-trained BART-large
     config.model.generator_tokenizer = ""  # empty: the generator's own (BART's BPE)
     config.model.generator_warm_start = ""  # unused: the generator is loaded, not built
+    # Dropout in training (off in evaluation and decoding), in BERT_q and the generator alike;
+    # these replace the checkpoints' own values (config.json) and generator_init's.
+    config.model.dropout = 0.1  # embeddings, residual branches (finetune_rag --dropout)
+    config.model.attention_dropout = 0.1  # attention probabilities (--attention_dropout)
+    config.model.activation_dropout = 0.0  # inside the generator's feed-forward (BERT has none)
     config.model.bf16 = True  # bf16 compute (parameters and optimizer stay float32)
     config.model.remat = False  # recompute each layer in the backward pass
     # BartConfig fields of a generator trained from scratch: unused, the generator is loaded.
@@ -69,7 +74,6 @@ def get_config() -> ml_collections.ConfigDict:
             encoder_ffn_dim=64,
             decoder_ffn_dim=64,
             max_position_embeddings=128,
-            dropout=0.0,
         )
     )
 

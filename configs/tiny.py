@@ -25,6 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
     # A BERT dir whose weights initialise the generator built from generator_init (encoder and
     # decoder layers, embeddings, positions; Rothe et al., 2020); empty: random initialisation.
     config.model.generator_warm_start = ""
+    # Dropout in training (off in evaluation and decoding), in BERT_q and the generator alike;
+    # these replace the checkpoints' own values (config.json) and generator_init's.
+    config.model.dropout = 0.0  # embeddings and residual branches (BERT's hidden_dropout_prob)
+    config.model.attention_dropout = 0.0  # attention probabilities
+    config.model.activation_dropout = 0.0  # inside the generator's feed-forward (BERT has none)
     config.model.bf16 = False  # bf16 compute (parameters and optimizer stay float32)
     config.model.remat = False  # recompute each layer in the backward pass
     # BartConfig fields of a generator trained from scratch (vocab and special ids come from
@@ -39,7 +44,6 @@ def get_config() -> ml_collections.ConfigDict:
             encoder_ffn_dim=64,
             decoder_ffn_dim=64,
             max_position_embeddings=128,
-            dropout=0.0,
         )
     )
 

@@ -108,6 +108,7 @@ def _device_step(
 ) -> dict:
     """:func:`device_train_step`, unjitted (``objective``: the loss differentiated)."""
     query_encoder = nnx.merge(nnx.graphdef(model.query_encoder), retrieval_state)
+    query_encoder.eval()  # retrieval without dropout, as on the host
     batch, doc_ids, n_cut = device_retrieval.retrieve(
         query_encoder, corpus, questions, model.config
     )
@@ -221,6 +222,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(config)
     model, *tokenizers = builders.build_model(config, mesh)
     retriever = make_retriever(config, model, tokenizers, examples, mesh)
+    # Dropout on in the train step (off until now: the host retriever embeds questions with the
+    # query encoder's graph as it was, in evaluation mode; the device step switches it off).
+    model.train()
     tx, schedule = optim.make_optimizer(config)
     optimizer = sharding.place_on_mesh(model, tx, mesh, config, optim.trainable(config))
     # Every input has been checked: only now is anything written to the workdir.

@@ -153,3 +153,56 @@ def test_nonfinite_steps_stop_the_run_and_leave_the_checkpoints_intact(
     }
     assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params[4]))
     jax.tree.map(np.testing.assert_array_equal, params[4], params[2])
+
+
+DROPOUT_CASES = [  # (path, the dropout switched on)
+    ({}, "model.dropout"),
+    ({}, "model.attention_dropout"),
+    ({}, "model.activation_dropout"),
+    ({"data.retrieval": "device"}, "model.dropout"),
+    ({"rag.marginalization": "closed_book"}, "model.dropout"),
+]
+
+
+@pytest.mark.parametrize(("path", "kind"), DROPOUT_CASES, ids=lambda x: str(x))
+def test_configured_dropout_is_active_in_training_and_off_after(toy, tmp_path, path, kind):
+    """Dropout 0.5 of one kind trains to other losses than none (the configs' dropout reaches
+    every Dropout layer of BERT_q and the generator, and train() switches them on); the model
+    load_trained restores has the same rates, switched off: two calls give equal outputs."""
+    from rag_jax.checkpoints import load_trained
+
+    common = {"train_steps": 2, "log_every": 1, "rag.n_docs": 4, **path}
+    train(tiny_config(toy, **common), str(tmp_path / "none"))
+    config = tiny_config(toy, **common, **{kind: 0.5})
+    train(config, str(tmp_path / "half"))
+    none, half = read_metrics(tmp_path / "none"), read_metrics(tmp_path / "half")
+    assert none[0]["loss"] != half[0]["loss"]  # the same parameters: only the masks differ
+    model, _, _ = load_trained(config, str(tmp_path / "half"))
+    dropouts = [module for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Dropout)]
+    assert 0.5 in {module.rate for module in dropouts}
+    assert all(module.deterministic for module in dropouts)
+    ids = jnp.array([[101, 2054, 2003, 102, 0]], jnp.int32)
+    mask = ids != 0
+    for part in (model.query_encoder.embed, model.generator.encode):
+        np.testing.assert_array_equal(part(ids, mask), part(ids, mask))
+
+
+def test_the_configured_dropout_reaches_both_models(toy):
+    """Each config.model probability sets the matching Dropout layers of BERT_q and the
+    generator, replacing the tiny encoder's saved 0.1 and BartConfig's defaults."""
+    from rag_jax.builders import build_model
+
+    config = tiny_config(
+        toy, **{"model.dropout": 0.2, "model.attention_dropout": 0.3},
+        **{"model.activation_dropout": 0.4},
+    )  # fmt: skip
+    model, _, _ = build_model(config)
+    assert model.query_encoder.bert.config.hidden_dropout_prob == 0.2
+    assert model.query_encoder.bert.config.attention_probs_dropout_prob == 0.3
+    bart = model.generator.config
+    assert (bart.dropout, bart.attention_dropout, bart.activation_dropout) == (0.2, 0.3, 0.4)
+    rates = {module.rate for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Dropout)}
+    assert rates == {0.2, 0.3, 0.4}
+    config.model.generator_init.dropout = 0.1
+    with pytest.raises(ValueError, match=r"generator_init\.dropout is not used"):
+        build_model(config)

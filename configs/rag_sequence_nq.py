@@ -45,7 +45,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameter init of a generator built from scratch, and data order
-    config.batch_size = 64  # questions per optimizer step (global): finetune_rag's 8 GPUs x 8
+    config.batch_size = 64  # questions per micro-batch (global): finetune_rag's 8 GPUs x 8
     config.train_steps = 12_000  # optimizer steps: ~10 epochs of NQ's 79,168 questions
     config.log_every = 50  # steps between metric lines (JSONL, TensorBoard)
     config.progress = True  # a tqdm bar in the terminal (process 0)
@@ -115,7 +115,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.999  # Adam beta2
     config.optimizer.weight_decay = 0.001  # AdamW decoupled weight decay (finetune_rag)
     config.optimizer.max_grad_norm = 0.1  # global-norm gradient clipping (finetune_rag)
-    config.optimizer.grad_accum_steps = 1  # micro-batches per optimizer update
+    config.optimizer.grad_accum_steps = 1  # micro-batches per update (all steps count updates)
     config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates in a row that stop the run
 
     config.mesh = ml_collections.ConfigDict()

@@ -13,7 +13,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameter init of a generator built from scratch, and data order
-    config.batch_size = 4  # questions per optimizer step (global, over all processes)
+    config.batch_size = 4  # questions per micro-batch (global); an update reads grad_accum_steps
     config.train_steps = 20  # optimizer steps
     config.log_every = 5  # steps between metric lines (JSONL, TensorBoard)
     config.progress = False  # a tqdm bar in the terminal
@@ -85,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.999  # Adam beta2
     config.optimizer.weight_decay = 0.0  # AdamW decoupled weight decay
     config.optimizer.max_grad_norm = 1.0  # global-norm gradient clipping
-    config.optimizer.grad_accum_steps = 1  # micro-batches per optimizer update
+    config.optimizer.grad_accum_steps = 1  # micro-batches per update (all steps count updates)
     config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates in a row that stop the run
 
     config.mesh = ml_collections.ConfigDict()

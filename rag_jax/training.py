@@ -15,6 +15,7 @@ import collections
 import copy
 import logging
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -250,26 +251,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             # The first batch: retrieved with the snapshot a resumed run restored, else with
             # the initial query encoder; each next one while the step before it runs.
             pending = _submit(retriever, examples, position, snapshot, config)
-            while step < config.train_steps:
+            n_micro = config.optimizer.grad_accum_steps  # micro-batches per update
+            while step < config.train_steps:  # steps: optimizer updates
                 t0 = time.perf_counter()
-                (prepared, host_seconds), position = pending[0].result(), pending[1]
-                waited = time.perf_counter() - t0
-                snapshot = retriever.snapshot(model)  # q before this step: the next batch's
-                if step + 1 < config.train_steps:
-                    pending = _submit(retriever, examples, position, snapshot, config)
-                t1 = time.perf_counter()
-                metrics, doc_ids, n_truncated = retriever.step(model, optimizer, prepared)
+                micro, timing, n_target_tokens = [], collections.Counter(), 0
+                nonfinite: list[str] = []
+                for i in range(n_micro):
+                    t_wait = time.perf_counter()
+                    (prepared, host_seconds), position = pending[0].result(), pending[1]
+                    timing["host_wait_seconds"] += time.perf_counter() - t_wait  # loop waited
+                    timing["host_seconds"] += host_seconds  # retrieval + tokenization
+                    # q before this micro-batch (unchanged inside an update): the next one's
+                    snapshot = retriever.snapshot(model)
+                    if step + 1 < config.train_steps or i + 1 < n_micro:
+                        pending = _submit(retriever, examples, position, snapshot, config)
+                    t1 = time.perf_counter()
+                    metrics, doc_ids, n_truncated = retriever.step(model, optimizer, prepared)
+                    timing["device_seconds"] += time.perf_counter() - t1  # dispatch to result
+                    nonfinite += [p for p in _nonfinite_parts(metrics) if p not in nonfinite]
+                    micro.append(metrics)
+                    n_target_tokens += prepared.n_target_tokens
+                    monitor.add(doc_ids, n_truncated)
                 step += 1
-                _check_finite(step, _nonfinite_parts(metrics), optimizer, config, manager)
-                device_seconds = time.perf_counter() - t1
-                monitor.add(doc_ids, n_truncated)
+                _check_finite(step, nonfinite, optimizer, config, manager)
                 if step % config.log_every == 0 or step == config.train_steps:
-                    timing = dict(
-                        host_seconds=host_seconds,  # retrieval + tokenization of this batch
-                        host_wait_seconds=waited,  # of which the loop waited for
-                        device_seconds=device_seconds,  # the step, dispatch to result
-                    )
-                    writer.write(step, monitor.measure(step, metrics, prepared, timing, t0))
+                    measured = monitor.measure(step, micro, n_target_tokens, dict(timing), t0)
+                    writer.write(step, measured)
                     bar.set_postfix(
                         loss=f"{monitor.last['loss']:.3f}", H=f"{monitor.last['doc_entropy']:.2f}"
                     )
@@ -337,14 +344,24 @@ class _Monitor:
         for part, count in n_truncated.items():
             self.truncated[part] = self.truncated.get(part, 0) + count
 
-    def measure(self, step: int, metrics: dict, prepared, timing: dict, t0: float) -> dict:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    def measure(
+        self, step: int, micro: list[dict], n_target_tokens: int, timing: dict, t0: float
+    ) -> dict:
+        """Update ``step``'s figures from its micro-batches' measurements: their mean (their
+        sum for the question counts); the learning rate is the one the update applied."""
+        micro = [{k: float(v) for k, v in jax.device_get(m).items()} for m in micro]
+        metrics = {
+            k: (sum if k.startswith("questions_") else statistics.fmean)(m[k] for m in micro)
+            for k in micro[0]
+        }
         seconds = time.perf_counter() - t0
+        applied = optim.applied_updates(self.optimizer.opt_state)
         metrics.update(
             **timing,
-            examples_per_second=self.config.batch_size / seconds,
-            target_tokens_per_second=prepared.n_target_tokens * jax.process_count() / seconds,
-            learning_rate=float(self.schedule(step)),
+            examples_per_second=self.config.batch_size * len(micro) / seconds,
+            target_tokens_per_second=n_target_tokens * jax.process_count() / seconds,
+            # the schedule's count before the last applied update (skipped ones do not count)
+            learning_rate=float(self.schedule(max(applied - 1, 0))),
             skipped_updates=optim.skipped_updates(self.optimizer.opt_state),
             distinct_docs_in_window=len(set(self.window)),
             **{f"truncated_{k}": v for k, v in self.truncated.items()},

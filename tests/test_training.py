@@ -206,3 +206,27 @@ def test_the_configured_dropout_reaches_both_models(toy):
     config.model.generator_init.dropout = 0.1
     with pytest.raises(ValueError, match=r"generator_init\.dropout is not used"):
         build_model(config)
+
+
+def test_accumulation_counts_updates(toy, tmp_path):
+    """grad_accum_steps=2 of 4 questions is grad_accum_steps=1 of 8 (the same questions: the
+    data order does not depend on the batch size): as many updates, logged at the same steps,
+    the same learning rates (the schedule at the update's count, the one AdamW applied), and
+    the losses of the same parameters (the mean of two micro-batch means of 4 = the mean of
+    8; float sums in another order, hence approx)."""
+    from rag_jax.optim import make_optimizer
+
+    common = {"train_steps": 4, "log_every": 1, "rag.n_docs": 4}
+    whole = tiny_config(toy, batch_size=8, **common)
+    train(whole, str(tmp_path / "whole"))
+    train(
+        tiny_config(toy, batch_size=4, **{"optimizer.grad_accum_steps": 2}, **common),
+        str(tmp_path / "accumulated"),
+    )
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "accumulated")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    schedule = make_optimizer(whole)[1]
+    for m in (*a, *b):
+        assert m["learning_rate"] == pytest.approx(float(schedule(m["step"] - 1)), rel=1e-6)
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)

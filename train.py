@@ -15,7 +15,7 @@ from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from rag_jax._cli import parse_flags
-from rag_jax.training import StoppedError, train
+from rag_jax.training import NonFiniteError, StoppedError, train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).")
@@ -42,7 +42,7 @@ def main(argv):
         )
     try:
         train(FLAGS.config, FLAGS.workdir)
-    except (ValueError, OSError) as error:  # bad input or files: one line, no traceback
+    except (ValueError, OSError, NonFiniteError) as error:  # one line, no traceback
         sys.exit(f"error: {error}")
     except StoppedError as stopped:  # SIGINT or SIGTERM: the step is saved; not a finished run
         print(f"train.py: {stopped}", file=sys.stderr)

@@ -17,7 +17,7 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0  # parameter init of a generator built from scratch, and data order
-    config.batch_size = 64  # questions per optimizer step (global): finetune_rag's 8 GPUs x 8
+    config.batch_size = 64  # questions per micro-batch (global): finetune_rag's 8 GPUs x 8
     config.train_steps = 12_000  # optimizer steps: ~10 epochs of NQ's 79,168 questions
     config.log_every = 50  # steps between metric lines (JSONL, TensorBoard)
     config.progress = True  # a tqdm bar in the terminal (process 0)
@@ -32,6 +32,11 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.generator_warm_start = ""
     config.model.bf16 = True  # bf16 compute (parameters and optimizer stay float32)
     config.model.remat = False  # recompute each layer in the backward pass
+    # Dropout in training, BERT_q and the generator alike (replacing their checkpoints'
+    # config.json values; evaluation, decoding and load_trained run without it):
+    config.model.dropout = 0.1  # embeddings, residual branches (finetune_rag --dropout)
+    config.model.attention_dropout = 0.1  # attention probabilities (--attention_dropout)
+    config.model.activation_dropout = 0.0  # inside the generator's feed-forward (BERT has none)
     # BartConfig fields of a generator built from scratch (model.generator empty; vocab and
     # special ids come from the generator tokenizer): BART-large's shape.
     config.model.generator_init = ml_collections.ConfigDict(
@@ -44,7 +49,6 @@ def get_config() -> ml_collections.ConfigDict:
             encoder_ffn_dim=4096,
             decoder_ffn_dim=4096,
             max_position_embeddings=1024,
-            dropout=0.1,
         )
     )
 
@@ -86,8 +90,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.b2 = 0.999  # Adam beta2
     config.optimizer.weight_decay = 0.001  # AdamW decoupled weight decay (finetune_rag)
     config.optimizer.max_grad_norm = 0.1  # global-norm gradient clipping (finetune_rag)
-    config.optimizer.grad_accum_steps = 1  # micro-batches per optimizer update
-    config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates skipped before failing
+    config.optimizer.grad_accum_steps = 1  # micro-batches per update (all steps count updates)
+    config.optimizer.max_consecutive_nonfinite = 5  # non-finite updates in a row that stop the run
 
     config.mesh = ml_collections.ConfigDict()
     config.mesh.data = 1  # devices on the data axis

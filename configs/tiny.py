@@ -15,7 +15,7 @@ from configs import default
 
 def get_config() -> ml_collections.ConfigDict:
     config = default.get_config()
-    config.batch_size = 4  # questions per optimizer step
+    config.batch_size = 4  # questions per micro-batch
     config.train_steps = 20  # optimizer steps
     config.log_every = 5  # steps between metric lines
     config.progress = False  # no tqdm bar (tests read the logs)
@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.question_encoder = ""  # filled in by the caller
     config.model.generator = ""  # built from generator_init below
     config.model.bf16 = False  # float32 compute: CPU
+    config.model.dropout = 0.0  # no dropout: tests compare losses
+    config.model.attention_dropout = 0.0  # no attention dropout
     config.model.generator_init.update(  # a 1+1-layer BART, 32 wide
         d_model=32,
         encoder_layers=1,
@@ -32,7 +34,6 @@ def get_config() -> ml_collections.ConfigDict:
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
         max_position_embeddings=128,
-        dropout=0.0,
     )
 
     config.rag.n_docs = 4  # K: documents per question

@@ -42,6 +42,32 @@ def generator_tokenizer_dir(model_config: ml_collections.ConfigDict) -> str:
     )
 
 
+_DROPOUT_FIELDS = ("dropout", "attention_dropout", "activation_dropout")
+
+
+def dropout_settings(model_config: ml_collections.ConfigDict) -> tuple[dict, dict]:
+    """``(bert, bart)``: ``config.model``'s dropout probabilities as BertConfig and BartConfig
+    fields (they replace the checkpoints' own).
+
+    Raises:
+      ValueError: a probability outside [0, 1), or ``generator_init`` setting one (which
+        ``model.dropout`` & co. would silently replace).
+    """
+    for name in _DROPOUT_FIELDS:
+        value = model_config[name]
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"config.model.{name} must be in [0, 1), got {value}")
+        if name in model_config.generator_init:
+            raise ValueError(
+                f"config.model.generator_init.{name} is not used: set config.model.{name}"
+            )
+    bert = {
+        "hidden_dropout_prob": model_config.dropout,
+        "attention_probs_dropout_prob": model_config.attention_dropout,
+    }
+    return bert, {name: model_config[name] for name in _DROPOUT_FIELDS}
+
+
 def build_model(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[RagModel, Any, Any]:
@@ -59,19 +85,26 @@ def build_model(
     model_config = config.model
     dtype = jnp.bfloat16 if model_config.bf16 else jnp.float32
     rules = sharding.param_rules(config)
+    bert_dropout, bart_dropout = dropout_settings(model_config)
     query_encoder = load_bert_encoder(
         model_config.question_encoder,
         dtype=dtype,
         remat=model_config.remat,
         mesh=mesh,
         rules=rules,
+        dropout=bert_dropout,
     )
     question_tokenizer = load_bert_tokenizer(model_config.question_encoder)
     vocab_dir = generator_tokenizer_dir(model_config)
     generator_tokenizer = load_bert_tokenizer(vocab_dir)
     if model_config.generator:
         generator = load_bart(
-            model_config.generator, dtype=dtype, remat=model_config.remat, mesh=mesh, rules=rules
+            model_config.generator,
+            dtype=dtype,
+            remat=model_config.remat,
+            mesh=mesh,
+            rules=rules,
+            dropout=bart_dropout,
         )
     else:
         tok = generator_tokenizer
@@ -86,6 +119,7 @@ def build_model(
             forced_bos_token_id=None,
             forced_eos_token_id=None,
             **model_config.generator_init.to_dict(),
+            **bart_dropout,
         )
         if model_config.generator_warm_start:
             # The BERT is only the source of the copies: each process loads its own.

@@ -267,7 +267,9 @@ def retrieve(
         question_ids=questions.question_ids,
         question_mask=questions.question_mask,
         doc_vectors=result.doc_vectors,  # (B, K, H) float32
-        doc_mask=jnp.isfinite(result.scores),  # exact search fills all K slots when K <= N
+        # Exact search fills all K slots when K <= N; a NaN score (a non-finite q(x)) is kept, so
+        # that the loss is NaN and the step is skipped, not counted as a question without docs.
+        doc_mask=result.scores != -jnp.inf,
         context_ids=context_ids,
         context_mask=context_mask,
         decoder_input_ids=questions.decoder_input_ids,

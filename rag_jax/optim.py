@@ -138,17 +138,49 @@ def _make_optimizer(settings: str, train_steps: int):
             labels,
         ),
     )
-    tx = optax.apply_if_finite(tx, max_consecutive_errors=opt.max_consecutive_nonfinite)
+    tx = skip_nonfinite(tx)
     if opt.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
     return tx, schedule
 
 
-def skipped_updates(opt_state) -> int:
-    """Total non-finite updates that optax.apply_if_finite skipped."""
-    for leaf in jax.tree_util.tree_leaves(
+# optax.apply_if_finite applies a non-finite update once more than ``max_consecutive_errors``
+# came in a row: with its counter's largest value, never (the run stops long before, see
+# rag_jax.training._check_finite).
+_NEVER = 2**31 - 1
+
+
+def skip_nonfinite(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``inner``, except that gradients with any non-finite entry change nothing: the update is
+    zero and ``inner``'s state (moments, schedule count) stays as it was, however many come in
+    a row; stopping is the caller's decision (:func:`nonfinite_updates` counts them)."""
+    return optax.apply_if_finite(inner, max_consecutive_errors=_NEVER)
+
+
+def _skip_state(opt_state) -> optax.ApplyIfFiniteState | None:
+    leaves = jax.tree_util.tree_leaves(
         opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState)
+    )
+    return next((leaf for leaf in leaves if isinstance(leaf, optax.ApplyIfFiniteState)), None)
+
+
+def nonfinite_updates(opt_state) -> tuple[int, int]:
+    """``(consecutive, total)``: the non-finite updates :func:`skip_nonfinite` skipped in a row
+    up to now, and in all."""
+    state = _skip_state(opt_state)
+    return (0, 0) if state is None else (int(state.notfinite_count), int(state.total_notfinite))
+
+
+def skipped_updates(opt_state) -> int:
+    """Total non-finite updates skipped (never applied)."""
+    return nonfinite_updates(opt_state)[1]
+
+
+def applied_updates(opt_state) -> int:
+    """Updates applied so far: the count the learning-rate schedule has reached."""
+    for leaf in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByScheduleState)
     ):
-        if isinstance(leaf, optax.ApplyIfFiniteState):
-            return int(leaf.total_notfinite)
+        if isinstance(leaf, optax.ScaleByScheduleState):
+            return int(leaf.count)
     return 0

@@ -16,6 +16,7 @@ import contextlib
 import copy
 import logging
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -61,21 +62,35 @@ def loss_fn(model: RagModel, batch: RagBatch):
     return loss, (nll, doc_scores, counted)
 
 
-def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
-    """One optimizer step; returns the step's measurements (device scalars)."""
+def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch, objective=loss_fn) -> dict:
+    """One optimizer step; returns the step's measurements (device scalars), with
+    ``finite_loss`` and ``finite_grad_<part>`` (the query encoder's and the generator's) that
+    say what, if anything, was non-finite. A non-finite loss makes every gradient NaN, so that
+    the optimizer skips the update (:func:`rag_jax.optim.skip_nonfinite`) even where the
+    gradients stayed finite."""
     # Only what the optimizer trains is differentiated (frozen parameters get no gradient).
-    grad_fn = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
+    grad_fn = nnx.value_and_grad(objective, argnums=nnx.DiffState(0, optimizer.wrt), has_aux=True)
     (loss, (nll, doc_scores, counted)), grads = grad_fn(model, batch)
+    finite_grads = {
+        f"finite_grad_{part}": jnp.isfinite(optax.tree.norm(grads[part]))
+        for part in ("query_encoder", "generator")
+        if part in grads
+    }
+    grad_norm = optax.tree.norm(grads)
+    finite_loss = jnp.isfinite(loss)
+    grads = jax.tree.map(lambda g: jnp.where(finite_loss, g, jnp.nan), grads)
     optimizer.update(model, grads)
     n_tokens = jnp.sum(batch.target_mask * counted[:, None])
     return {
         "loss": loss,  # per sequence: mean over questions of -log p(y|x)
         "loss_per_token": jnp.sum(nll) / jnp.maximum(n_tokens, 1),
-        "grad_norm": optax.tree.norm(grads),
+        "grad_norm": grad_norm,
         "doc_entropy": jnp.sum(jnp.where(counted, doc_entropy(doc_scores), 0.0))
         / jnp.maximum(jnp.sum(counted), 1),
         "questions_without_docs": jnp.sum(~has_documents(doc_scores)),
         "top_doc_prob": jnp.mean(jnp.max(jax.nn.softmax(doc_scores, axis=-1), axis=-1)),
+        "finite_loss": finite_loss,
+        **finite_grads,
     }
 
 
@@ -83,6 +98,30 @@ def _step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
 def train_step(model: RagModel, optimizer: nnx.Optimizer, batch: RagBatch) -> dict:
     """One optimizer step on a batch retrieved on the host; the step's measurements."""
     return _step(model, optimizer, batch)
+
+
+def _device_step(
+    model: RagModel,
+    optimizer: nnx.Optimizer,
+    corpus: device_retrieval.DeviceCorpus,
+    retrieval_state: nnx.State,
+    questions: device_retrieval.QuestionBatch,
+    objective=loss_fn,
+) -> dict:
+    """:func:`device_train_step`, unjitted (``objective``: the loss differentiated)."""
+    query_encoder = nnx.merge(nnx.graphdef(model.query_encoder), retrieval_state)
+    query_encoder.eval()  # retrieval without dropout, as on the host
+    batch, doc_ids, n_cut = device_retrieval.retrieve(
+        query_encoder, corpus, questions, model.config
+    )
+    # Split the batch over the mesh as the host path's batch is: the same partitioned step
+    # (and each device computes its own rows, not all of them).
+    by_row = PartitionSpec(partitioning.MESH_AXES)
+    batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_row), batch)
+    return _step(model, optimizer, batch, objective) | {
+        "doc_ids": jax.lax.with_sharding_constraint(doc_ids, by_row),
+        "n_cut": jax.lax.with_sharding_constraint(n_cut, by_row),
+    }
 
 
 @nnx.jit(donate_argnums=(0, 1))
@@ -100,18 +139,25 @@ def device_train_step(
     add the retrieved ``doc_ids`` (B, K) and ``n_cut`` (B,), the generator inputs cut, split
     like the batch.
     """
-    query_encoder = nnx.merge(nnx.graphdef(model.query_encoder), retrieval_state)
-    batch, doc_ids, n_cut = device_retrieval.retrieve(
-        query_encoder, corpus, questions, model.config
-    )
-    # Split the batch over the mesh as the host path's batch is: the same partitioned step
-    # (and each device computes its own rows, not all of them).
-    by_row = PartitionSpec(partitioning.MESH_AXES)
-    batch = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, by_row), batch)
-    return _step(model, optimizer, batch) | {
-        "doc_ids": jax.lax.with_sharding_constraint(doc_ids, by_row),
-        "n_cut": jax.lax.with_sharding_constraint(n_cut, by_row),
-    }
+    return _device_step(model, optimizer, corpus, retrieval_state, questions)
+
+
+class NonFiniteError(RuntimeError):
+    """The run stopped: ``optimizer.max_consecutive_nonfinite`` updates in a row were
+    non-finite (none of them applied, nothing saved after the last finite one)."""
+
+
+def _nonfinite_parts(metrics: dict) -> list[str]:
+    """Pops the step's ``finite_*`` flags; the quantities that were not finite: the loss
+    (whose gradients then are too), else the gradient norm of each part that was not."""
+    flags = jax.device_get({k: metrics.pop(k) for k in list(metrics) if k.startswith("finite_")})
+    if not flags.get("finite_loss", True):
+        return ["loss"]
+    return [
+        f"gradient norm of the {part.replace('_', ' ')}"
+        for part in ("query_encoder", "generator")
+        if not flags.get(f"finite_grad_{part}", True)
+    ]
 
 
 class StoppedError(Exception):
@@ -188,6 +234,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # leaves the workdir as it was, and the corrected command is not refused for it.
     checkpoints.check_settings(config)
     builders.check_paths(config)
+    if config.optimizer.max_consecutive_nonfinite < 1:
+        raise ValueError(
+            "config.optimizer.max_consecutive_nonfinite must be >= 1, got "
+            f"{config.optimizer.max_consecutive_nonfinite}"
+        )
     checkpoints.check_workdir(workdir, config, lock=jax.process_index() == 0)
     examples, n_bad = read_qa(config.data.train, skip_bad=config.data.skip_bad_lines)
     if n_bad:
@@ -195,6 +246,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(config)
     model, *tokenizers = builders.build_model(config, mesh)
     retriever = make_retriever(config, model, tokenizers, examples, mesh)
+    # Dropout on in the train step (off until now: the host retriever embeds questions with the
+    # query encoder's graph as it was, in evaluation mode; the device step switches it off).
+    model.train()
     tx, schedule = optim.make_optimizer(config)
     optimizer = sharding.place_on_mesh(model, tx, mesh, config, optim.trainable(config))
     process_0 = jax.process_index() == 0  # the one that writes the record and takes the lock
@@ -222,25 +276,32 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             Preempted() as preempted,
             jax.set_mesh(mesh),
         ):
-            while step < config.train_steps:
+            n_micro = config.optimizer.grad_accum_steps  # micro-batches per update
+            while step < config.train_steps:  # steps: optimizer updates
                 t0 = time.perf_counter()
-                (prepared, host_seconds), position = pending[0].result(), pending[1]
-                waited = time.perf_counter() - t0
-                snapshot = retriever.snapshot(model)  # q before this step: the next batch's
-                if step + 1 < config.train_steps:
-                    pending = _submit(retriever, examples, position, snapshot, config)
-                t1 = time.perf_counter()
-                metrics, doc_ids, n_truncated = retriever.step(model, optimizer, prepared)
+                micro, timing, n_target_tokens = [], collections.Counter(), 0
+                nonfinite: list[str] = []
+                for i in range(n_micro):
+                    t_wait = time.perf_counter()
+                    (prepared, host_seconds), position = pending[0].result(), pending[1]
+                    timing["host_wait_seconds"] += time.perf_counter() - t_wait  # loop waited
+                    timing["host_seconds"] += host_seconds  # retrieval + tokenization
+                    # q before this micro-batch (unchanged inside an update): the next one's
+                    snapshot = retriever.snapshot(model)
+                    if step + 1 < config.train_steps or i + 1 < n_micro:
+                        pending = _submit(retriever, examples, position, snapshot, config)
+                    t1 = time.perf_counter()
+                    metrics, doc_ids, n_truncated = retriever.step(model, optimizer, prepared)
+                    timing["device_seconds"] += time.perf_counter() - t1  # dispatch to result
+                    nonfinite += [p for p in _nonfinite_parts(metrics) if p not in nonfinite]
+                    micro.append(metrics)
+                    n_target_tokens += prepared.n_target_tokens
+                    monitor.add(doc_ids, n_truncated)
                 step += 1
-                device_seconds = time.perf_counter() - t1
-                monitor.add(doc_ids, n_truncated)
+                _check_finite(step, nonfinite, optimizer, config, manager)
                 if step % config.log_every == 0 or step == config.train_steps:
-                    timing = dict(
-                        host_seconds=host_seconds,  # retrieval + tokenization of this batch
-                        host_wait_seconds=waited,  # of which the loop waited for
-                        device_seconds=device_seconds,  # the step, dispatch to result
-                    )
-                    writer.write(step, monitor.measure(step, metrics, prepared, timing, t0))
+                    measured = monitor.measure(step, micro, n_target_tokens, dict(timing), t0)
+                    writer.write(step, measured)
                     bar.set_postfix(
                         loss=f"{monitor.last['loss']:.3f}", H=f"{monitor.last['doc_entropy']:.2f}"
                     )
@@ -275,6 +336,29 @@ def _workdir_lock(workdir: Path, process_0: bool):
             directory.rmdir()
 
 
+def _check_finite(step: int, nonfinite: list[str], optimizer, config, manager) -> None:
+    """Warns of a skipped (non-finite) update; raises :class:`NonFiniteError` at the
+    ``optimizer.max_consecutive_nonfinite``-th in a row."""
+    consecutive, _ = optim.nonfinite_updates(optimizer.opt_state)
+    if not nonfinite and not consecutive:
+        return
+    what = ", ".join(nonfinite) or "gradient"
+    limit = config.optimizer.max_consecutive_nonfinite
+    if consecutive < limit:
+        log.warning("step %d: non-finite %s; update skipped (%d in a row)", step, what, consecutive)
+        return
+    latest = manager.latest_step()
+    saved = (
+        f"the last checkpoint, step {latest} in {manager.directory}, is intact"
+        if latest is not None
+        else "no checkpoint was saved"
+    )
+    raise NonFiniteError(
+        f"step {step}: non-finite {what}; {consecutive} updates in a row were non-finite "
+        f"(optimizer.max_consecutive_nonfinite={limit}), none applied; stopped: {saved}"
+    )
+
+
 def _submit(retriever: Retriever, examples, position: DataPosition, snapshot, config):
     """``(pending batch, position after it)``: this process's share of the next global batch,
     submitted for retrieval with query-encoder ``snapshot``."""
@@ -307,14 +391,24 @@ class _Monitor:
         for part, count in n_truncated.items():
             self.truncated[part] = self.truncated.get(part, 0) + count
 
-    def measure(self, step: int, metrics: dict, prepared, timing: dict, t0: float) -> dict:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    def measure(
+        self, step: int, micro: list[dict], n_target_tokens: int, timing: dict, t0: float
+    ) -> dict:
+        """Update ``step``'s figures from its micro-batches' measurements: their mean (their
+        sum for the question counts); the learning rate is the one the update applied."""
+        micro = [{k: float(v) for k, v in jax.device_get(m).items()} for m in micro]
+        metrics = {
+            k: (sum if k.startswith("questions_") else statistics.fmean)(m[k] for m in micro)
+            for k in micro[0]
+        }
         seconds = time.perf_counter() - t0
+        applied = optim.applied_updates(self.optimizer.opt_state)
         metrics.update(
             **timing,
-            examples_per_second=self.config.batch_size / seconds,
-            target_tokens_per_second=prepared.n_target_tokens * jax.process_count() / seconds,
-            learning_rate=float(self.schedule(step)),
+            examples_per_second=self.config.batch_size * len(micro) / seconds,
+            target_tokens_per_second=n_target_tokens * jax.process_count() / seconds,
+            # the schedule's count before the last applied update (skipped ones do not count)
+            learning_rate=float(self.schedule(max(applied - 1, 0))),
             skipped_updates=optim.skipped_updates(self.optimizer.opt_state),
             distinct_docs_in_window=len(set(self.window)),
             retrieved_in_window=len(self.window),

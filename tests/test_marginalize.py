@@ -335,6 +335,7 @@ def test_document_order_is_irrelevant(batch, random, epsilon):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one compile per shape, not op by op
 def loss_and_grad(fn, epsilon, logits, doc_scores, targets, mask):
     def loss(lg, sc):
         return fn(lg, sc, targets, mask, label_smoothing=epsilon).sum()

@@ -172,3 +172,40 @@ def test_a_checkpoint_lacking_variables_is_refused_by_load_trained(toy, tmp_path
         manager.wait_until_finished()
     with pytest.raises(ValueError, match=r"\d+ arrays of this model are not in it: model_rngs/"):
         load_trained(config, str(tmp_path))
+
+
+def test_nonfinite_updates_are_never_applied_and_counted():
+    """More non-finite gradients in a row than ``max_consecutive_nonfinite``: none changes a
+    parameter or the optimizer's moments and schedule count (optax.apply_if_finite would apply
+    the 6th); the counts say how many were skipped, in a row and in all; a finite update after
+    them is applied and resets the streak."""
+    from rag_jax.optim import applied_updates, nonfinite_updates, skipped_updates
+
+    config = tiny.get_config()
+    config.optimizer.warmup_steps = 0
+    model = TwoParts()
+    optimizer = nnx.Optimizer(model, make_optimizer(config)[0], wrt=nnx.Param)
+    ones = jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param))
+    optimizer.update(model, ones)  # one finite update: moments and count not at their init
+    params = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    opt_state = jax.tree.map(np.array, nnx.state(optimizer.opt_state))
+    n_bad = 3 * config.optimizer.max_consecutive_nonfinite
+    for i in range(n_bad):
+        bad = jnp.nan if i % 2 else jnp.inf  # one NaN or inf entry is enough
+        poisoned = jax.tree_util.tree_map_with_path(
+            lambda path, g, x=bad: g.at[(0,) * g.ndim].set(x) if "generator" in str(path) else g,
+            ones,
+        )
+        optimizer.update(model, poisoned)
+        assert nonfinite_updates(optimizer.opt_state) == (i + 1, i + 1)
+    after = jax.tree.map(np.array, nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, after, params)
+    moments = jax.tree.map(np.array, nnx.state(optimizer.opt_state))
+    inner = lambda state: state["inner_state"]  # noqa: E731  the counters moved, nothing else
+    jax.tree.map(np.testing.assert_array_equal, inner(moments), inner(opt_state))
+    assert applied_updates(optimizer.opt_state) == 1
+    optimizer.update(model, ones)
+    assert nonfinite_updates(optimizer.opt_state) == (0, n_bad)
+    assert skipped_updates(optimizer.opt_state) == n_bad
+    assert applied_updates(optimizer.opt_state) == 2
+    assert np.all(np.asarray(model.generator.kernel[...]) < params["generator"]["kernel"])

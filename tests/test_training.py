@@ -2,8 +2,11 @@
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from rag_jax.training import train
 
@@ -31,10 +34,30 @@ def test_tiny_config_learns_without_retrieval_labels(toy, tmp_path, marginalizat
     assert directory_hash(toy / "index") == index_hash  # the index is frozen
 
 
+def _saved(workdir: Path, step: int) -> tuple[dict, dict]:
+    """A checkpoint's arrays (parameters, optimizer state, RNG streams, retrieval snapshot) as
+    numpy, and its data position."""
+    import orbax.checkpoint as ocp
+
+    directory = (workdir / "checkpoints" / str(step)).absolute()
+    state = ocp.PyTreeCheckpointer().restore(directory / "state")
+    position = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(directory / "position")
+
+    def to_numpy(x):
+        is_key = jnp.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key)
+        return np.asarray(jax.random.key_data(x) if is_key else x)
+
+    return jax.tree.map(to_numpy, state), position
+
+
 def test_resumed_run_continues_as_if_never_stopped(toy, tmp_path):
-    """Stopped after step 6 (checkpoint) and resumed: steps 7-9 give the losses an
-    uninterrupted run gives (params, optimizer state and data position restored)."""
+    """Stopped after step 6 (checkpoint) and resumed, dropout on: steps 7-9 give bit for bit
+    the losses an uninterrupted run gives, and the last checkpoints are equal array for array
+    (parameters, optimizer state, dropout's RNG streams, retrieval snapshot) with the same
+    data position: everything a step reads is restored exactly, and one process on the CPU
+    computes the same program on the same inputs the same way."""
     common = {"log_every": 1, "checkpoint.every": 3, "rag.n_docs": 4}  # decay: DECAY_STEPS
+    common |= {"model.dropout": 0.1, "model.attention_dropout": 0.1}
     train(tiny_config(toy, train_steps=9, **common), str(tmp_path / "straight"))
     train(tiny_config(toy, train_steps=6, **common), str(tmp_path / "resumed"))
     train(tiny_config(toy, train_steps=9, **common), str(tmp_path / "resumed"))
@@ -42,7 +65,21 @@ def test_resumed_run_continues_as_if_never_stopped(toy, tmp_path):
     resumed = read_metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == list(range(1, 10))
     for a, b in zip(straight, resumed, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-6)
+        for key in ("loss", "loss_per_token", "grad_norm", "doc_entropy", "learning_rate"):
+            assert a[key] == b[key], (a["step"], key)
+    (state_a, position_a), (state_b, position_b) = (
+        _saved(tmp_path / run, 9) for run in ("straight", "resumed")
+    )
+    assert position_a == position_b
+    assert jax.tree.structure(state_a) == jax.tree.structure(state_b)
+    unequal = [
+        jax.tree_util.keystr(path)
+        for (path, a), b in zip(
+            jax.tree_util.tree_leaves_with_path(state_a), jax.tree.leaves(state_b), strict=True
+        )
+        if not np.array_equal(a, b)
+    ]
+    assert not unequal, unequal
 
 
 def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
@@ -70,3 +107,160 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
         capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode != 0 and f"{bad}:2:" in done.stderr, done.stderr
+
+
+def _nan_from(optimizer, first_nan: int):
+    """A loss that is NaN from the ``first_nan``-th call of the step on (1-based)."""
+    from rag_jax.training import loss_fn
+
+    poison = jnp.where(optimizer.step[...] + 1 >= first_nan, jnp.nan, 1.0)
+
+    def objective(model, batch):
+        loss, aux = loss_fn(model, batch)
+        return loss * poison, aux
+
+    return objective
+
+
+def _poison_steps(monkeypatch, first_nan: int) -> None:
+    """Replaces both train steps by ones whose loss is NaN from step ``first_nan`` on."""
+    from rag_jax import training
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def host_step(model, optimizer, batch):
+        return training._step(model, optimizer, batch, _nan_from(optimizer, first_nan))
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def device_step(model, optimizer, corpus, retrieval_state, questions):
+        objective = _nan_from(optimizer, first_nan)
+        return training._device_step(
+            model, optimizer, corpus, retrieval_state, questions, objective
+        )
+
+    monkeypatch.setattr(training, "train_step", host_step)
+    monkeypatch.setattr(training, "device_train_step", device_step)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        {},
+        {"data.retrieval": "device"},
+        {"rag.marginalization": "closed_book"},
+        {"model.bf16": True, "optimizer.freeze": "^query_encoder/"},
+    ],
+    ids=["host", "device", "closed_book", "bf16_frozen_query_encoder"],
+)
+def test_nonfinite_steps_stop_the_run_and_leave_the_checkpoints_intact(
+    toy, tmp_path, monkeypatch, path
+):
+    """NaN losses from step 3 on, max_consecutive_nonfinite=3: steps 3 and 4 are skipped (the
+    checkpoint of step 4 holds step 2's parameters), step 5 stops the run with one error naming
+    the step and the loss; both checkpoints are kept, finite and restorable."""
+    from rag_jax.checkpoints import load_trained
+    from rag_jax.training import NonFiniteError
+
+    _poison_steps(monkeypatch, first_nan=3)
+    config = tiny_config(
+        toy,
+        train_steps=10,
+        log_every=1,
+        **{"checkpoint.every": 2, "checkpoint.keep": 2, "rag.n_docs": 4},
+        **{"optimizer.max_consecutive_nonfinite": 3},
+        **path,
+    )
+    workdir = tmp_path / "run"
+    with pytest.raises(NonFiniteError) as error:
+        train(config, str(workdir))
+    message = str(error.value)
+    assert message.startswith("step 5: non-finite loss;"), message
+    assert "max_consecutive_nonfinite=3" in message and "step 4" in message, message
+    metrics = read_metrics(workdir)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["skipped_updates"] for m in metrics] == [0, 0, 1, 2]
+    assert all(np.isfinite(m["loss"]) for m in metrics[:2])
+    assert not any(np.isfinite(m["loss"]) for m in metrics[2:])
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
+    params = {
+        step: jax.tree.map(np.asarray, nnx.state(load_trained(config, workdir, step)[0], nnx.Param))
+        for step in (2, 4)
+    }
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params[4]))
+    jax.tree.map(np.testing.assert_array_equal, params[4], params[2])
+
+
+DROPOUT_CASES = [  # (path, the dropout switched on)
+    ({}, "model.dropout"),
+    ({}, "model.attention_dropout"),
+    ({}, "model.activation_dropout"),
+    ({"data.retrieval": "device"}, "model.dropout"),
+    ({"rag.marginalization": "closed_book"}, "model.dropout"),
+]
+
+
+@pytest.mark.parametrize(("path", "kind"), DROPOUT_CASES, ids=lambda x: str(x))
+def test_configured_dropout_is_active_in_training_and_off_after(toy, tmp_path, path, kind):
+    """Dropout 0.5 of one kind trains to other losses than none (the configs' dropout reaches
+    every Dropout layer of BERT_q and the generator, and train() switches them on); the model
+    load_trained restores has the same rates, switched off: two calls give equal outputs."""
+    from rag_jax.checkpoints import load_trained
+
+    common = {"train_steps": 2, "log_every": 1, "rag.n_docs": 4, **path}
+    train(tiny_config(toy, **common), str(tmp_path / "none"))
+    config = tiny_config(toy, **common, **{kind: 0.5})
+    train(config, str(tmp_path / "half"))
+    none, half = read_metrics(tmp_path / "none"), read_metrics(tmp_path / "half")
+    assert none[0]["loss"] != half[0]["loss"]  # the same parameters: only the masks differ
+    model, _, _ = load_trained(config, str(tmp_path / "half"))
+    dropouts = [module for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Dropout)]
+    assert 0.5 in {module.rate for module in dropouts}
+    assert all(module.deterministic for module in dropouts)
+    ids = jnp.array([[101, 2054, 2003, 102, 0]], jnp.int32)
+    mask = ids != 0
+    for part in (model.query_encoder.embed, model.generator.encode):
+        np.testing.assert_array_equal(part(ids, mask), part(ids, mask))
+
+
+def test_the_configured_dropout_reaches_both_models(toy):
+    """Each config.model probability sets the matching Dropout layers of BERT_q and the
+    generator, replacing the tiny encoder's saved 0.1 and BartConfig's defaults."""
+    from rag_jax.builders import build_model
+
+    config = tiny_config(
+        toy, **{"model.dropout": 0.2, "model.attention_dropout": 0.3},
+        **{"model.activation_dropout": 0.4},
+    )  # fmt: skip
+    model, _, _ = build_model(config)
+    assert model.query_encoder.bert.config.hidden_dropout_prob == 0.2
+    assert model.query_encoder.bert.config.attention_probs_dropout_prob == 0.3
+    bart = model.generator.config
+    assert (bart.dropout, bart.attention_dropout, bart.activation_dropout) == (0.2, 0.3, 0.4)
+    rates = {module.rate for _, module in nnx.iter_graph(model) if isinstance(module, nnx.Dropout)}
+    assert rates == {0.2, 0.3, 0.4}
+    config.model.generator_init.dropout = 0.1
+    with pytest.raises(ValueError, match=r"generator_init\.dropout is not used"):
+        build_model(config)
+
+
+def test_accumulation_counts_updates(toy, tmp_path):
+    """grad_accum_steps=2 of 4 questions is grad_accum_steps=1 of 8 (the same questions: the
+    data order does not depend on the batch size): as many updates, logged at the same steps,
+    the same learning rates (the schedule at the update's count, the one AdamW applied), and
+    the losses of the same parameters (the mean of two micro-batch means of 4 = the mean of
+    8; float sums in another order, hence approx)."""
+    from rag_jax.optim import make_optimizer
+
+    common = {"train_steps": 4, "log_every": 1, "rag.n_docs": 4}
+    whole = tiny_config(toy, batch_size=8, **common)
+    train(whole, str(tmp_path / "whole"))
+    train(
+        tiny_config(toy, batch_size=4, **{"optimizer.grad_accum_steps": 2}, **common),
+        str(tmp_path / "accumulated"),
+    )
+    a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "accumulated")
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
+    schedule = make_optimizer(whole)[1]
+    for m in (*a, *b):
+        assert m["learning_rate"] == pytest.approx(float(schedule(m["step"] - 1)), rel=1e-6)
+    for x, y in zip(a, b, strict=True):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)

@@ -144,6 +144,7 @@ def load_bart(
     remat: bool = False,
     mesh: Mesh | None = None,
     rules: partitioning.Rules = partitioning.LOGICAL_RULES,
+    dropout: dict[str, float] | None = None,
 ) -> Bart:
     """Loads a Hugging Face BART/mBART ForConditionalGeneration checkpoint directory.
 
@@ -162,6 +163,8 @@ def load_bart(
       mesh: a ``(data, fsdp)`` mesh (``partitioning.make_mesh``): each weight goes straight
         into its shards (``partitioning.param_shardings``); None: the default device.
       rules: logical axes -> mesh axes (``partitioning.replicated_rules()``: whole copies).
+      dropout: BartConfig dropout fields (``dropout``, ``attention_dropout``,
+        ``activation_dropout``) that replace config.json's.
 
     Raises:
       FileNotFoundError: no such directory, no config.json, or no weights file.
@@ -184,6 +187,7 @@ def load_bart(
             probabilities=("dropout", "attention_dropout", "activation_dropout"),
             skip=("eos_token_id", "forced_eos_token_id"),  # transformers allows a list there
         )
+    hf_config = {**hf_config, **(dropout or {})}
     generation_path = Path(checkpoint_dir) / "generation_config.json"
     generation = read_generation_config(checkpoint_dir)
     hf_config = with_generation_config(

@@ -109,6 +109,7 @@ def load_bert_encoder(
     remat: bool = False,
     mesh: Mesh | None = None,
     rules: partitioning.Rules = partitioning.LOGICAL_RULES,
+    dropout: dict[str, float] | None = None,
 ) -> BertEncoder:
     """Loads a BertEncoder from a local Hugging Face checkpoint directory.
 
@@ -129,6 +130,8 @@ def load_bert_encoder(
       mesh: a ``(data, fsdp)`` mesh (``partitioning.make_mesh``): each weight goes straight
         into its shards (``partitioning.param_shardings``); None: the default device.
       rules: logical axes -> mesh axes (``partitioning.replicated_rules()``: whole copies).
+      dropout: BertConfig dropout fields (``hidden_dropout_prob``,
+        ``attention_probs_dropout_prob``) that replace config.json's.
 
     Returns:
       The encoder, weights loaded, with ``source_architecture`` the layout it came from.
@@ -160,6 +163,7 @@ def load_bert_encoder(
             ),
             probabilities=("hidden_dropout_prob", "attention_probs_dropout_prob"),
         )
+    hf_config = {**hf_config, **(dropout or {})}
     spec = read_sentence_transformers(directory)  # fails before the weights are read
     state_dict = read_state_dict(directory, prefix=prefix)
     architecture, bert_prefix = _detect_layout(state_dict)

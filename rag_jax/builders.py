@@ -86,26 +86,13 @@ def build_model(
     dtype = jnp.bfloat16 if model_config.bf16 else jnp.float32
     rules = sharding.param_rules(config)
     bert_dropout, bart_dropout = dropout_settings(model_config)
-    query_encoder = load_bert_encoder(
-        model_config.question_encoder,
-        dtype=dtype,
-        remat=model_config.remat,
-        mesh=mesh,
-        rules=rules,
-        dropout=bert_dropout,
-    )
+    placed = dict(dtype=dtype, remat=model_config.remat, mesh=mesh, rules=rules)
+    query_encoder = load_bert_encoder(model_config.question_encoder, dropout=bert_dropout, **placed)
     question_tokenizer = load_bert_tokenizer(model_config.question_encoder)
     vocab_dir = generator_tokenizer_dir(model_config)
     generator_tokenizer = load_bert_tokenizer(vocab_dir)
     if model_config.generator:
-        generator = load_bart(
-            model_config.generator,
-            dtype=dtype,
-            remat=model_config.remat,
-            mesh=mesh,
-            rules=rules,
-            dropout=bart_dropout,
-        )
+        generator = load_bart(model_config.generator, dropout=bart_dropout, **placed)
     else:
         tok = generator_tokenizer
         bos = tok.bos_token_id if tok.bos_token_id is not None else tok.cls_token_id

@@ -327,8 +327,10 @@ _RS_FUSION = re.compile(
 
 def _result_bytes(result: str, start: bool) -> int:
     """Bytes of an op's result type; for an async ``-start`` op, whose result is the tuple
-    (operands..., outputs...), the output half."""
+    (operands..., outputs...[, u32[] sync flags of a collective-permute]), the output half."""
     shapes = _SHAPE.findall(result)
+    if start:
+        shapes = [(dtype, dims) for dtype, dims in shapes if (dtype, dims) != ("u32", "")]
     if start and len(shapes) > 1:
         shapes = shapes[len(shapes) // 2 :]
     return sum(

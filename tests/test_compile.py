@@ -140,6 +140,9 @@ def test_collectives_parser_counts_hand_written_hlo():
             # a TPU reduce-scatter fusion: result 3 x 2 floats = 24 bytes
             "  %f = f32[3,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%all-reduce-scatter.1",
             "  ROOT %a2a = s32[4,1]{1,0} all-to-all(s32[4,1]{1,0} %y), dimensions={0}",
+            # a TPU ring step: (operand, output, two u32 sync flags): the output, 6 x 4 x 2 = 48
+            "  %cp = (bf16[6,4]{1,0}, bf16[6,4]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) "
+            "collective-permute-start(%s), source_target_pairs={{0,1},{1,2},{2,3}}",
         ]
     )
     found = rag_compile.collectives(hlo)
@@ -147,7 +150,7 @@ def test_collectives_parser_counts_hand_written_hlo():
     assert found["all-reduce"] == {"count": 1, "bytes": 32}
     assert found["reduce-scatter"] == {"count": 1, "bytes": 24}
     assert found["all-to-all"] == {"count": 1, "bytes": 16}
-    assert found["collective-permute"] == {"count": 0, "bytes": 0}
+    assert found["collective-permute"] == {"count": 1, "bytes": 48}
 
 
 def test_bad_inputs_are_named():

@@ -327,8 +327,10 @@ _RS_FUSION = re.compile(
 
 def _result_bytes(result: str, start: bool) -> int:
     """Bytes of an op's result type; for an async ``-start`` op, whose result is the tuple
-    (operands..., outputs...), the output half."""
+    (operands..., outputs...[, u32[] sync flags of a collective-permute]), the output half."""
     shapes = _SHAPE.findall(result)
+    if start:
+        shapes = [(dtype, dims) for dtype, dims in shapes if (dtype, dims) != ("u32", "")]
     if start and len(shapes) > 1:
         shapes = shapes[len(shapes) // 2 :]
     return sum(
@@ -383,6 +385,23 @@ def _model_flops(model: RagModel, config, batch_size: int) -> int:
     return int(model_flops(model, shapes)["total"])
 
 
+_OUT_OF_HBM = re.compile(r"Ran out of memory|RESOURCE_EXHAUSTED")
+_NEEDED = re.compile(r"HLO temporaries \(([0-9.]+)([KMGT])\)")
+
+
+def out_of_hbm(message: str) -> int | None:
+    """The temporary bytes XLA says a program needs, from its refusal to compile one that
+    exceeds HBM (``RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for
+    HLO temporaries (17.13G) exceeds available HBM (15.75G)``); ``None`` for any other error,
+    0 when the message names no figure."""
+    if not _OUT_OF_HBM.search(message):
+        return None
+    match = _NEEDED.search(message)
+    if not match:
+        return 0
+    return int(float(match.group(1)) * 2 ** (10 * ("KMGT".index(match.group(2)) + 1)))
+
+
 def compile_step(
     config: ml_collections.ConfigDict,
     topology: str,
@@ -423,7 +442,48 @@ def compile_step(
                 abstract_questions(config, model, mesh),
             )
             traced = device_train_step.trace(model, optimizer, *inputs)
-        compiled = traced.lower().compile()
+        try:
+            compiled = traced.lower().compile()
+        except Exception as error:  # jax's XlaRuntimeError; only the HBM shortfall is a result
+            needed = out_of_hbm(str(error))
+            if needed is None:
+                raise
+            compiled = None
+    n_chips = len(devices)
+    params = _bytes_of(nnx.state(model, nnx.Param))
+    other_model = _bytes_of(nnx.state(model, nnx.Not(nnx.Param)))
+    opt = _bytes_of(nnx.state(optimizer))
+    batch = _bytes_of(inputs[-1])  # a RagBatch or a QuestionBatch
+    corpus = _bytes_of(inputs[0]) if retrieval == "device" else 0
+    hbm = chip.hbm_gib * 2**30
+    model_flops = _model_flops(model, config, config.batch_size)
+    report = {
+        "topology": topology,
+        "chips": n_chips,
+        "chip": dataclasses.asdict(chip),
+        "retrieval": retrieval,
+        "n_passages": n_passages if retrieval == "device" else None,
+        "mesh": dict(mesh.shape),
+        "batch_size": config.batch_size,
+        "bf16": bool(config.model.bf16),
+        "remat": bool(config.model.remat),
+        "fsdp_params": bool(config.mesh.fsdp_params),
+        "models": sources,
+        "model_flops": model_flops,
+        "versions": {"jax": jax.__version__, "libtpu": _libtpu_version()},
+    }
+    if compiled is None:
+        # XLA refuses to build a program whose temporaries exceed the chip's HBM: the report
+        # says so with XLA's figure, and has no HLO to count collectives or FLOPs in.
+        return report | {
+            "per_chip_bytes": {
+                "parameters": params, "optimizer_state": opt, "other_model_state": other_model,
+                "batch": batch, "device_index_and_passages": corpus, "temporaries": needed,
+            },
+            "hbm_bytes": hbm,
+            "fits": False,
+            "compile_error": "XLA: HLO temporaries exceed the chip's HBM",
+        }  # fmt: skip
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list | tuple) else cost
@@ -431,14 +491,6 @@ def compile_step(
     if hlo_file:
         Path(hlo_file).write_text(hlo)
     found = collectives(hlo)
-    n_chips = len(devices)
-
-    params = _bytes_of(nnx.state(model, nnx.Param))
-    other_model = _bytes_of(nnx.state(model, nnx.Not(nnx.Param)))
-    opt = _bytes_of(nnx.state(optimizer))
-    batch = _bytes_of(inputs[-1])  # a RagBatch or a QuestionBatch
-    corpus = _bytes_of(inputs[0]) if retrieval == "device" else 0
-    hbm = chip.hbm_gib * 2**30
     per_chip = {
         "parameters": params,
         "optimizer_state": opt,
@@ -459,7 +511,6 @@ def compile_step(
         + per_chip["temporaries"]
         + per_chip["generated_code"]
     )
-    model_flops = _model_flops(model, config, config.batch_size)
     xla_flops = float(cost.get("flops", 0.0))  # per chip
     hbm_bytes = float(cost.get("bytes accessed", 0.0))  # per chip
     collective_bytes = sum(v["bytes"] for v in found.values())
@@ -469,23 +520,11 @@ def compile_step(
         "collectives": collective_bytes / (chip.ici_gbytes_per_s * 1e9),
     }
     bound = max(terms.values())
-    return {
-        "topology": topology,
-        "chips": n_chips,
-        "chip": dataclasses.asdict(chip),
-        "retrieval": retrieval,
-        "n_passages": n_passages if retrieval == "device" else None,
-        "mesh": dict(mesh.shape),
-        "batch_size": config.batch_size,
-        "bf16": bool(config.model.bf16),
-        "remat": bool(config.model.remat),
-        "fsdp_params": bool(config.mesh.fsdp_params),
-        "models": sources,
+    return report | {
         "per_chip_bytes": per_chip,
         "per_chip_peak_bytes": peak,
         "hbm_bytes": hbm,
         "fits": peak <= hbm,
-        "model_flops": model_flops,
         "xla_flops_per_chip": xla_flops,
         "xla_bytes_accessed_per_chip": hbm_bytes,
         "collectives": found,
@@ -496,7 +535,6 @@ def compile_step(
         "mfu_upper_bound": model_flops / (n_chips * chip.bf16_tflops * 1e12 * bound)
         if bound > 0
         else None,
-        "versions": {"jax": jax.__version__, "libtpu": _libtpu_version()},
     }
 
 
@@ -528,7 +566,15 @@ def format_report(report: dict) -> str:
     names = ("parameters", "optimizer_state", "batch", "device_index_and_passages", "arguments",
              "temporaries", "outputs")  # fmt: skip
     for name in names:
-        lines.append(f"  {name:<26} {_gib(pc[name])}")
+        if name in pc:
+            lines.append(f"  {name:<26} {_gib(pc[name])}")
+    if "compile_error" in report:
+        lines.append(
+            f"  DOES NOT FIT: {report['compile_error']} ({_gib(pc['temporaries'])} of temporaries"
+            f" against {chip['hbm_gib']:g} GiB); model FLOPs {report['model_flops']:.4g} per step"
+        )
+        lines.append(f"chip figures: {chip['source']}; versions {report['versions']}")
+        return "\n".join(lines)
     lines.append(
         f"  peak ~{_gib(report['per_chip_peak_bytes'])} of {chip['hbm_gib']:g} GiB HBM: "
         + ("fits" if report["fits"] else "DOES NOT FIT")

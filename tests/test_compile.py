@@ -9,6 +9,7 @@ step. libtpu is in the test extra: without it these tests skip loudly, and fail 
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -42,14 +43,15 @@ def _config(fsdp_params: bool = True):
 
 @pytest.fixture(scope="module")
 def host_report(libtpu, tmp_path_factory):
-    """The command's JSON report for the tiny config's host-retrieval step."""
-    out = tmp_path_factory.mktemp("compile") / "report.json"
+    """The command's JSON report for the tiny config's host-retrieval step, and its HLO."""
+    out = tmp_path_factory.mktemp("compile")
     rag_compile.main(
         ["--config", tiny.__file__, "--topology", TOPOLOGY, "--retrieval", "host",
          "--config.model.question_encoder=bert-tiny", "--config.mesh.fsdp_params=true",
-         "--json", str(out)]
+         "--json", str(out / "report.json"), "--hlo", str(out / "step.hlo")]
     )  # fmt: skip
-    (report,) = json.loads(out.read_text())
+    (report,) = json.loads((out / "report.json").read_text())
+    report["hlo"] = (out / "step.hlo.host").read_text()
     return report
 
 
@@ -74,13 +76,26 @@ def test_host_step_report(host_report):
 
 
 def test_collective_inventory(host_report):
-    kinds = {k for k, v in host_report["collectives"].items() if v["count"]}
-    # FSDP's parameter all-gathers, gradient reduce-scatters, scalar all-reduces (loss,
-    # counts, the gradient norm) and all-reduces of replicated parameters' gradients. The
-    # all-to-alls are XLA resharding gradients of the backward's products (see README,
-    # "Checking a config for a pod"): listed so that a change to them is noticed.
-    assert kinds == {"all-gather", "reduce-scatter", "all-reduce", "all-to-all"}
-    assert host_report["collectives"]["collective-permute"]["count"] == 0
+    """FSDP's parameter all-gathers, all-reduces (the gradients, which XLA combines and
+    reduces whole at these sizes, and scalars: loss, counts, the gradient norm), and
+    all-to-alls only where a token embedding table, split over its width, is looked up (and
+    its gradient scattered back): the looked-up rows go to the chips of their batch rows,
+    cheaper than gathering the table (README, "Checking a config for a pod"). The
+    activations stay split by rows (``partitioning.constrain_rows``): no all-to-all of
+    LayerNorm's backward nor of the retriever scores, no collective-permute."""
+    found = host_report["collectives"]
+    kinds = {k for k, v in found.items() if v["count"]}
+    assert kinds <= {"all-gather", "all-reduce", "reduce-scatter", "all-to-all"}
+    assert found["all-gather"]["count"] > 0 and found["all-reduce"]["count"] > 0
+    assert found["collective-permute"]["count"] == 0
+    ops = [
+        re.search(r'op_name="([^"]*)"', line).group(1)
+        for line in host_report["hlo"].splitlines()
+        if re.search(r"\sall-to-all(-start)?\(", line)
+    ]
+    assert len(ops) == found["all-to-all"]["count"] > 0
+    # jnp.take's gather (the lookup) and scatter-add (its transpose), nothing else
+    assert all(re.search(r"jit\(_take\)+/(gather|scatter-add)$", op) for op in ops), ops
 
 
 def test_parameters_split_over_chips_only_with_fsdp(libtpu):
@@ -125,6 +140,9 @@ def test_collectives_parser_counts_hand_written_hlo():
             # a TPU reduce-scatter fusion: result 3 x 2 floats = 24 bytes
             "  %f = f32[3,2]{1,0} fusion(%a, %b), kind=kCustom, calls=%all-reduce-scatter.1",
             "  ROOT %a2a = s32[4,1]{1,0} all-to-all(s32[4,1]{1,0} %y), dimensions={0}",
+            # a TPU ring step: (operand, output, two u32 sync flags): the output, 6 x 4 x 2 = 48
+            "  %cp = (bf16[6,4]{1,0}, bf16[6,4]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) "
+            "collective-permute-start(%s), source_target_pairs={{0,1},{1,2},{2,3}}",
         ]
     )
     found = rag_compile.collectives(hlo)
@@ -132,7 +150,7 @@ def test_collectives_parser_counts_hand_written_hlo():
     assert found["all-reduce"] == {"count": 1, "bytes": 32}
     assert found["reduce-scatter"] == {"count": 1, "bytes": 24}
     assert found["all-to-all"] == {"count": 1, "bytes": 16}
-    assert found["collective-permute"] == {"count": 0, "bytes": 0}
+    assert found["collective-permute"] == {"count": 1, "bytes": 48}
 
 
 def test_bad_inputs_are_named():
@@ -157,3 +175,14 @@ def test_import_rag_jax_needs_no_libtpu():
     )
     root = os.path.dirname(os.path.dirname(tiny.__file__))  # this checkout's rag_jax
     subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+
+
+def test_out_of_hbm_reads_xla_refusal():
+    # XLA's words for the paper config on v5e:2x4 without remat; 17.13 GiB = 17.13 * 2**30 B
+    message = (
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (17.13G) exceeds available HBM (15.75G)."
+    )
+    assert rag_compile.out_of_hbm(message) == int(17.13 * 2**30)
+    assert rag_compile.out_of_hbm("RESOURCE_EXHAUSTED: out of something") == 0
+    assert rag_compile.out_of_hbm("INVALID_ARGUMENT: bad shape") is None

@@ -43,6 +43,49 @@ def test_layer_norm_matches_torch_on_large_mean_rows():
     assert np.abs(fast - expected).max() > 1e-5
 
 
+def test_layer_norm_keeps_rows_split_on_a_mesh_with_the_same_values_and_gradients():
+    """Under a training mesh the LayerNorm's input and output rows stay split over (data,
+    fsdp), the width whole (what keeps the backward free of all-to-alls, see
+    ``partitioning.constrain_rows``), while its scale and bias are FSDP-sharded; values and
+    gradients equal those computed with no mesh. 6 rows do not divide over 4 chips: left to
+    XLA, still the same values."""
+    from rag_jax.models import partitioning
+
+    x = _large_mean_rows()  # (16, H)
+    H = x.shape[1]
+    rng = np.random.default_rng(2)
+    w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+
+    def loss(norm, x):
+        return jnp.sum(norm(x) * w[: x.shape[0]])
+
+    def run(norm, x):
+        return jax.jit(lambda norm, x: (norm(x), nnx.grad(loss, argnums=(0, 1))(norm, x)))(norm, x)
+
+    norm = layers.layer_norm(H, 1e-5, jnp.float32, nnx.Rngs(0))
+    norm.scale.set_value(jnp.asarray(1 + 0.1 * rng.normal(size=H), jnp.float32))
+    norm.bias.set_value(jnp.asarray(0.1 * rng.normal(size=H), jnp.float32))
+    expected = {n: run(norm, x[:n]) for n in (16, 6)}
+    mesh = partitioning.make_mesh(data=1, fsdp=4)
+    partitioning.shard_module(norm, mesh)
+    assert norm.scale.get_value().sharding.spec == jax.sharding.PartitionSpec("fsdp")
+    with jax.set_mesh(mesh):
+        for n in (16, 6):
+            y, (g_norm, g_x) = run(norm, jax.device_put(x[:n]))
+            y_ref, (g_norm_ref, g_x_ref) = expected[n]
+            # Rows at mean 30 carry float32 rounding of 30 * 2**-24 ~ 2e-6 per value; another
+            # summation order (per-shard rows) moves a normalised value by a few of those: the
+            # torch parity tolerance above. The scale's gradient sums 16 such rows.
+            np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(g_x, g_x_ref, atol=1e-5, rtol=0)
+            np.testing.assert_allclose(g_norm.scale.get_value(), g_norm_ref.scale.get_value(),
+                                       atol=1e-4, rtol=0)  # fmt: skip
+            if n == 16:
+                by_row = jax.NamedSharding(mesh, jax.sharding.PartitionSpec(partitioning.MESH_AXES))
+                assert y.sharding.is_equivalent_to(by_row, y.ndim)
+                assert y.sharding.shard_shape(y.shape) == (4, H)
+
+
 def test_both_models_use_the_two_pass_layer_norm():
     bert = BertEncoder(BertConfig(**TINY_BERT), rngs=nnx.Rngs(0))
     bart = Bart(BartConfig(**TINY_BART, normalize_before=True), rngs=nnx.Rngs(0))

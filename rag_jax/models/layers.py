@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rag_jax.models import precision
-from rag_jax.models.partitioning import EMBED, axes
+from rag_jax.models.partitioning import EMBED, axes, constrain_rows
 
 Array = jax.Array
 
@@ -66,6 +66,14 @@ def embed(
     )
 
 
+class LayerNorm(nnx.LayerNorm):
+    """``nnx.LayerNorm`` whose input and output rows stay split over the batch axes of a
+    training mesh (:func:`~rag_jax.models.partitioning.constrain_rows`): the same values."""
+
+    def __call__(self, x: Array, *, mask: Array | None = None) -> Array:
+        return constrain_rows(super().__call__(constrain_rows(x), mask=mask))
+
+
 def layer_norm(features: int, epsilon: float, dtype: Any, rngs: nnx.Rngs) -> nnx.LayerNorm:
     """LayerNorm over the last axis as ``torch.nn.LayerNorm`` computes it.
 
@@ -74,7 +82,7 @@ def layer_norm(features: int, epsilon: float, dtype: Any, rngs: nnx.Rngs) -> nnx
     is off by ~1e-4, above our parity tolerance, and pre-LN residual streams get there.
     Statistics are float32 whatever ``dtype``.
     """
-    return nnx.LayerNorm(
+    return LayerNorm(
         features,
         epsilon=epsilon,
         use_fast_variance=False,

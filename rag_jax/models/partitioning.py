@@ -59,6 +59,24 @@ def make_mesh(data: int = 1, fsdp: int | None = None, devices: Sequence | None =
     return jax.make_mesh((data, fsdp), MESH_AXES, axis_types=auto, devices=devices[: data * fsdp])
 
 
+def constrain_rows(x: jax.Array) -> jax.Array:
+    """``x`` (rows first: B, B*K, ...) with its rows split over the mesh's ``(data, fsdp)`` axes
+    and every other axis whole, under a ``jax.set_mesh`` training mesh; unchanged without one,
+    inside ``shard_map``, or when the rows do not divide over the chips.
+
+    Without it XLA's sharding propagation may follow an FSDP-sharded weight into an activation
+    (its width split over ``fsdp``) and then move activation-sized tensors between a row split
+    and a width split with all-to-alls; held to the rows, the activations stay where the batch
+    is and only FSDP's weight gathers and gradient reductions move data.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(MESH_AXES) <= set(mesh.axis_names) or mesh.manual_axes:
+        return x
+    if x.ndim == 0 or x.shape[0] % (mesh.shape[DATA] * mesh.shape[FSDP]):
+        return x
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(MESH_AXES))
+
+
 def axes(*names: str | None) -> dict[str, Any]:
     """Param metadata naming each dimension: ``nnx.Linear(..., kernel_metadata=axes(EMBED, MLP))``.
 

@@ -24,6 +24,7 @@ PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
 BASH_BLOCKS = {  # the block's first command line -> the test that runs it, or why none can
     "make install": "CI: .ci/run runs the README's set-up and test commands on a clean clone",
     "make demo": "tests/test_demo.py (the same pipeline in-process, CI-sized)",
+    "mkdir -p checkpoints && cp -r": "test_your_own_data_commands_run_as_written, below",
     "python train.py --config configs/demo_warmup.py": "tests/test_demo.py: the same three "
     "steps in-process (train() on demo_warmup, export, train() on demo with the exported "
     "generator); train.py's flag parsing by tests/test_training.py's CLI test",

@@ -26,7 +26,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from rag_jax import builders, checkpoints, device_retrieval, optim, sharding
+from rag_jax import builders, checkpoints, device_retrieval, doc_encoder, optim, sharding
 from rag_jax.data import DataPosition, QAExample, read_qa
 from rag_jax.host_retrieval import BatchBuilder, HostRetriever, Retriever
 from rag_jax.marginalize import has_documents
@@ -175,6 +175,8 @@ def make_retriever(
         question_vocab_size=model.query_encoder.bert.config.vocab_size,
     )
     prefetch = config.data.prefetch
+    if doc_encoder.enabled(config):  # BERT_d trains: device retrieval with its tokens, refreshes
+        return doc_encoder.make_retriever(config, model, builder, examples, mesh, device_train_step)
     if not on_device:
         return HostRetriever(builder, model, mesh, train_step, prefetch)
     corpus = device_retrieval.corpus_from_knowledge(knowledge, builder, examples[0].question)
@@ -226,6 +228,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 t0 = time.perf_counter()
                 (prepared, host_seconds), position = pending[0].result(), pending[1]
                 waited = time.perf_counter() - t0
+                retriever.before_step(model, step, snapshot)  # e.g. an index refresh
                 snapshot = retriever.snapshot(model)  # q before this step: the next batch's
                 if step + 1 < config.train_steps:
                     pending = _submit(retriever, examples, position, snapshot, config)

@@ -117,7 +117,8 @@ def test_the_gradient_reaches_bert_d_and_equals_a_finite_difference(toy):
             return float(loss(nnx.State({**params, "doc_encoder": moved})))
 
         numeric = (shifted(+1) - shifted(-1)) / (2 * h)
-        analytic = float(sum(jnp.vdot(g, d) for g, d in zip(*map(jax.tree.leaves, (grads, v)))))
+        pairs = zip(jax.tree.leaves(grads), jax.tree.leaves(v), strict=True)
+        analytic = float(sum(jnp.vdot(g, d) for g, d in pairs))
         return numeric, analytic
 
     for direction in (v, jax.tree.map(lambda g: g / norm, grads)):  # random, and the gradient's
@@ -188,8 +189,10 @@ def test_after_training_a_refresh_equals_index_build_with_the_trained_bert_d(toy
 
 def test_off_or_frozen_bert_d_trains_as_the_frozen_index(toy, tmp_path):
     """Off: no BERT_d in the model or the checkpoint. On but frozen (``optimizer.freeze``):
-    BERT_d's fresh d(z) equal the index's stored vectors (same weights; float32 rounding), so
-    the losses equal the off run's to 1e-5, step by step."""
+    BERT_d's fresh d(z) equal the index's stored vectors up to float32 rounding (~1e-7), so
+    the first two steps' figures equal the off run's to 1e-5; later ones to 1e-3, because
+    Adam's update g/sqrt(v) turns rounding in near-zero gradient components into updates of
+    the learning rate's size (lr 1e-2 here)."""
     common = {"train_steps": 4, "log_every": 1, "checkpoint.every": 4, **DOC}
     off = tiny_config(toy, **{**common, "model.train_doc_encoder": False})
     training.train(off, str(tmp_path / "off"))
@@ -198,15 +201,17 @@ def test_off_or_frozen_bert_d_trains_as_the_frozen_index(toy, tmp_path):
     a, b = read_metrics(tmp_path / "off"), read_metrics(tmp_path / "frozen")
     for name in ("loss", "doc_entropy", "grad_norm"):
         np.testing.assert_allclose(
-            [m[name] for m in b], [m[name] for m in a], rtol=1e-5, atol=1e-5, err_msg=name
+            [m[name] for m in b[:2]], [m[name] for m in a[:2]], rtol=1e-5, atol=1e-5, err_msg=name
+        )
+        np.testing.assert_allclose(
+            [m[name] for m in b], [m[name] for m in a], rtol=1e-3, atol=1e-3, err_msg=name
         )
     off_arrays = saved_shapes(tmp_path / "off" / "checkpoints" / "4")
     assert not any("doc_encoder" in p or "index_encoder" in p for p in off_arrays)
     frozen_arrays = saved_shapes(tmp_path / "frozen" / "checkpoints" / "4")
     assert any(p.startswith("params/doc_encoder/") for p in frozen_arrays)
-    assert "state/retrieval_query_encoder/refresh_step" in frozen_arrays or any(
-        p.endswith("refresh_step") for p in frozen_arrays
-    )
+    assert "retrieval_query_encoder/refresh_step" in frozen_arrays
+    assert any(p.startswith("retrieval_query_encoder/index_encoder/") for p in frozen_arrays)
 
 
 RESUME = {"log_every": 1, "checkpoint.every": 10, "data.refresh_every": 2, **DOC}

@@ -30,6 +30,10 @@ def get_config() -> ml_collections.ConfigDict:
     # A BERT dir whose weights initialise the generator built from generator_init (encoder and
     # decoder layers, embeddings, positions; Rothe et al., 2020); empty: random initialisation.
     config.model.generator_warm_start = ""
+    # Train BERT_d too (rag_jax/doc_encoder.py): d(z) of the retrieved passages is recomputed in
+    # the step, and data.refresh_every re-encodes the corpus. Off: the paper's frozen index.
+    config.model.train_doc_encoder = False
+    config.model.doc_encoder = ""  # BERT_d's dir when it trains; empty: question_encoder's
     config.model.bf16 = True  # bf16 compute (parameters and optimizer stay float32)
     config.model.remat = False  # recompute each layer in the backward pass
     # Dropout in training, BERT_q and the generator alike (replacing their checkpoints'
@@ -76,6 +80,10 @@ def get_config() -> ml_collections.ConfigDict:
     # "host": search the index on the host each step; "device": an exact index's vectors and
     # the passages' tokens on the device, retrieval inside the jitted step (same losses).
     config.data.retrieval = "host"
+    # Steps between re-encodings of the whole corpus with the current BERT_d (train_doc_encoder
+    # and device retrieval only); 0: never (the index is still re-encoded at the start when
+    # BERT_d is not the encoder that built it).
+    config.data.refresh_every = 0
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 3e-5  # peak learning rate (the paper)
@@ -85,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.decay_steps = 0  # steps of the decay's whole schedule; 0: train_steps
     config.optimizer.query_encoder_lr_factor = 1.0  # BERT_q's learning rate / the peak
     config.optimizer.generator_lr_factor = 1.0  # the generator's learning rate / the peak
+    config.optimizer.doc_encoder_lr_factor = 1.0  # BERT_d's (model.train_doc_encoder) / the peak
     config.optimizer.freeze = ""  # regex: parameter paths never updated ("^generator/shared/")
     config.optimizer.b1 = 0.9  # Adam beta1
     config.optimizer.b2 = 0.999  # Adam beta2

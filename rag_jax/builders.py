@@ -127,6 +127,15 @@ def build_model(
                 return Bart(bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs)
 
             generator = make() if mesh is None else partitioning.create_sharded(make, mesh, rules)
+    doc_encoder = None
+    if model_config.get("train_doc_encoder", False):  # BERT_d trains (rag_jax.doc_encoder)
+        doc_encoder = load_bert_encoder(
+            model_config.doc_encoder or model_config.question_encoder,
+            dtype=dtype,
+            remat=model_config.remat,
+            mesh=mesh,
+            rules=rules,
+        )
     # Ids >= vocab_size would read NaN embeddings: refuse such a tokenizer here.
     check_tokenizer_vocab(
         question_tokenizer,
@@ -139,7 +148,7 @@ def build_model(
         f"generator tokenizer {vocab_dir}",
     )
     return (
-        RagModel(query_encoder, generator, rag_config(config)),
+        RagModel(query_encoder, generator, rag_config(config), doc_encoder),
         question_tokenizer,
         generator_tokenizer,
     )
@@ -159,7 +168,7 @@ def query_preprocessing(model: RagModel, question_encoder_dir: str) -> dict:
 # records its config (checkpoints.record_config), so a workdir opens from any directory.
 PATH_FIELDS = (
     "model.question_encoder", "model.generator", "model.generator_tokenizer",
-    "model.generator_warm_start", "data.train", "data.index",
+    "model.generator_warm_start", "model.doc_encoder", "data.train", "data.index",
 )  # fmt: skip
 
 
@@ -192,7 +201,7 @@ def check_paths(config: ml_collections.ConfigDict, training: bool = True) -> Non
             fields.append("data.index")
     for field in fields:
         section, name = field.split(".")
-        path = config[section][name]
+        path = config[section].get(name, "")  # a field newer than a recorded config: unset
         if path and not Path(path).exists():
             raise FileNotFoundError(f"config.{field}={str(path)!r} does not exist")
     index = config.data.index

@@ -73,6 +73,9 @@ class DeviceCorpus:
       passage_lengths: (N',) int32 their lengths before the cut to P.
       lead, trail: the special tokens around every generator input.
       pad_id: the generator tokenizer's padding id.
+      doc_token_ids: (N', Ld) int32 BERT_d tokens of each passage's (title, text), rows sharded
+        as the vectors, when the document encoder trains (:mod:`rag_jax.doc_encoder`); else None.
+      doc_token_lengths: (N',) int32 their lengths (>= 1), or None.
     """
 
     index: ExactIndex
@@ -81,6 +84,8 @@ class DeviceCorpus:
     lead: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     trail: tuple[int, ...] = dataclasses.field(metadata={"static": True})
     pad_id: int = dataclasses.field(metadata={"static": True})
+    doc_token_ids: jax.Array | None = None
+    doc_token_lengths: jax.Array | None = None
 
 
 def device_corpus(
@@ -263,6 +268,14 @@ def retrieve(
         corpus,
         config.max_context_length,
     )
+    doc_tokens = {}
+    if corpus.doc_token_ids is not None:  # BERT_d trains: its inputs for the K passages
+        Ld = corpus.doc_token_ids.shape[-1]
+        lengths = jnp.take(corpus.doc_token_lengths, result.ids, axis=0)  # (B, K)
+        doc_tokens = dict(
+            doc_token_ids=jnp.take(corpus.doc_token_ids, result.ids, axis=0),  # (B, K, Ld)
+            doc_token_mask=jnp.arange(Ld) < lengths[..., None],  # (B, K, Ld)
+        )
     batch = RagBatch(
         question_ids=questions.question_ids,
         question_mask=questions.question_mask,
@@ -275,6 +288,7 @@ def retrieve(
         decoder_input_ids=questions.decoder_input_ids,
         targets=questions.targets,
         target_mask=questions.target_mask,
+        **doc_tokens,
     )
     return batch, result.ids, n_cut
 

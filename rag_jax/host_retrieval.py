@@ -205,6 +205,11 @@ class Retriever:
         """A copy of the query encoder's state (the train step donates the original)."""
         return jax.tree.map(jnp.copy, nnx.state(model.query_encoder))
 
+    def before_step(self, model, step: int, snapshot) -> None:
+        """Called between steps, after ``step`` steps, with the snapshot the next batch was
+        retrieved with (a resumed run's, the first time): nothing here; a retriever whose
+        index changes in training swaps it here (:mod:`rag_jax.doc_encoder`)."""
+
     def submit(self, examples: Sequence[QAExample], state: nnx.State) -> Future:
         """The batch of ``examples`` retrieved with query-encoder ``state``; ``.result()`` is
         ``(prepared, host_seconds)``."""

@@ -26,13 +26,15 @@ def parameter_path(path) -> str:
 
 
 def _module_labels(params, freeze: re.Pattern | None = None):
-    """Labels each parameter "query_encoder" or "generator" by its top-level module, or
-    "frozen" where its :func:`parameter_path` matches the compiled expression ``freeze``."""
+    """Labels each parameter "query_encoder", "doc_encoder" or "generator" by its top-level
+    module, or "frozen" where its :func:`parameter_path` matches the compiled expression
+    ``freeze``."""
 
     def label(path, _):
         if freeze is not None and freeze.search(parameter_path(path)):
             return "frozen"
-        return "query_encoder" if getattr(path[0], "key", None) == "query_encoder" else "generator"
+        module = getattr(path[0], "key", None)
+        return module if module in ("query_encoder", "doc_encoder") else "generator"
 
     return jax.tree_util.tree_map_with_path(label, params)
 
@@ -87,12 +89,16 @@ def make_optimizer(
     every :func:`train` in a process compile the step again (a resume, a test's second run).
     """
     settings = json.dumps(config.optimizer.to_dict(), sort_keys=True)
-    return _make_optimizer(settings, config.train_steps)
+    doc_encoder = bool(config.model.get("train_doc_encoder", False))
+    return _make_optimizer(settings, config.train_steps, doc_encoder)
 
 
 @functools.lru_cache(maxsize=16)
-def _make_optimizer(settings: str, train_steps: int):
+def _make_optimizer(settings: str, train_steps: int, doc_encoder: bool = False):
     opt = ml_collections.ConfigDict(json.loads(settings))
+    # BERT_d's own label only when it trains: the optimizer state of other runs is unchanged.
+    doc_label = {"doc_encoder": optax.identity()} if doc_encoder else {}
+    doc_scale = {"doc_encoder": optax.scale(opt.get("doc_encoder_lr_factor", 1.0))}
     pattern = _freeze_pattern(opt.get("freeze", ""))
     labels = functools.partial(_module_labels, freeze=pattern)
     total_steps = opt.decay_steps or train_steps
@@ -119,7 +125,7 @@ def _make_optimizer(settings: str, train_steps: int):
     )
     drop_frozen = optax.multi_transform(
         {"frozen": optax.set_to_zero(), "query_encoder": optax.identity(),
-         "generator": optax.identity()},
+         "generator": optax.identity(), **doc_label},
         labels,
     )  # fmt: skip
     tx = optax.chain(
@@ -134,6 +140,7 @@ def _make_optimizer(settings: str, train_steps: int):
                 "query_encoder": optax.scale(opt.get("query_encoder_lr_factor", 1.0)),
                 "generator": optax.scale(opt.get("generator_lr_factor", 1.0)),
                 "frozen": optax.set_to_zero(),  # AdamW's weight decay would move them
+                **(doc_scale if doc_encoder else {}),
             },
             labels,
         ),

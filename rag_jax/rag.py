@@ -103,15 +103,32 @@ class RagBatch:
     decoder_input_ids: Array  # (B, T) int, targets shifted right after decoder_start
     targets: Array  # (B, T) int, ids in [0, V); anything at masked positions
     target_mask: Array  # (B, T) bool
+    # BERT_d tokens of the retrieved passages' (title, text), as the index build tokenizes them,
+    # when the document encoder trains (rag_jax.doc_encoder); None: d(z) = doc_vectors.
+    doc_token_ids: Array | None = None  # (B, K, Ld) int
+    doc_token_mask: Array | None = None  # (B, K, Ld) bool
 
 
 class RagModel(nnx.Module):
-    """``BERT_q`` plus the generator; ``__call__`` gives ``-log p(y|x)`` per question."""
+    """``BERT_q`` plus the generator; ``__call__`` gives ``-log p(y|x)`` per question.
 
-    def __init__(self, query_encoder: BertEncoder, generator: Bart, config: RagConfig):
+    ``doc_encoder``: ``BERT_d`` when the document encoder trains (``config.model.
+    train_doc_encoder``, :mod:`rag_jax.doc_encoder`), else None (the paper: frozen, outside the
+    model). With it, a batch that carries the passages' ``doc_token_ids`` gets ``d(z)``
+    recomputed by ``BERT_d``, so the gradient of ``-log p(y|x)`` reaches it.
+    """
+
+    def __init__(
+        self,
+        query_encoder: BertEncoder,
+        generator: Bart,
+        config: RagConfig,
+        doc_encoder: BertEncoder | None = None,
+    ):
         self.query_encoder = query_encoder
         self.generator = generator
         self.config = config
+        self.doc_encoder = doc_encoder
 
     def embed_questions(self, question_ids: Array, question_mask: Array) -> Array:
         """``q(x) = BERT_q(x)``: ``(B, L), (B, L) -> (B, H)`` float32."""
@@ -121,8 +138,30 @@ class RagModel(nnx.Module):
         """``scale · d(z)·q(x)``, recomputed with the current ``BERT_q``; ``-inf`` for padding,
         (B, K)."""
         query_emb = self.embed_questions(batch.question_ids, batch.question_mask)  # (B, H)
-        scores = retriever_scores(query_emb, batch.doc_vectors.astype(jnp.float32))  # (B, K)
+        scores = retriever_scores(query_emb, self.doc_vectors(batch))  # (B, K)
         return jnp.where(batch.doc_mask, self.config.doc_score_scale * scores, -jnp.inf)
+
+    def doc_vectors(self, batch: RagBatch) -> Array:
+        """``d(z)``, (B, K, H) float32: ``BERT_d(title, text)`` with the current document
+        encoder when the batch carries ``doc_token_ids`` (B, K, Ld), else the index's stored
+        ``doc_vectors``.
+
+        Raises:
+          ValueError: the batch carries document tokens but the model has no ``doc_encoder``.
+        """
+        if batch.doc_token_ids is None:
+            return batch.doc_vectors.astype(jnp.float32)
+        if self.doc_encoder is None:
+            raise ValueError(
+                "the batch carries document tokens but the model has no document encoder "
+                "(config.model.train_doc_encoder is off)"
+            )
+        B, K, Ld = batch.doc_token_ids.shape
+        vectors = self.doc_encoder.embed(
+            batch.doc_token_ids.reshape(B * K, Ld),
+            batch.doc_token_mask.reshape(B * K, Ld).astype(jnp.int32),  # as the index build
+        )  # (B·K, H)
+        return vectors.reshape(B, K, -1)
 
     def generator_logits(self, batch: RagBatch) -> Array:
         """Teacher-forced logits for every (document, question) input: (B, K, T, V)."""

@@ -27,7 +27,7 @@ import optax
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from rag_jax import builders, checkpoints, device_retrieval, optim, sharding
+from rag_jax import builders, checkpoints, device_retrieval, doc_encoder, optim, sharding
 from rag_jax.data import DataPosition, QAExample, read_qa
 from rag_jax.host_retrieval import BatchBuilder, HostRetriever, Retriever
 from rag_jax.marginalize import has_documents
@@ -221,6 +221,8 @@ def make_retriever(
         question_vocab_size=model.query_encoder.bert.config.vocab_size,
     )
     prefetch = config.data.prefetch
+    if doc_encoder.enabled(config):  # BERT_d trains: device retrieval with its tokens, refreshes
+        return doc_encoder.make_retriever(config, model, builder, examples, mesh, device_train_step)
     if not on_device:
         return HostRetriever(builder, model, mesh, train_step, prefetch)
     corpus = device_retrieval.corpus_from_knowledge(knowledge, builder, examples[0].question)
@@ -286,6 +288,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     (prepared, host_seconds), position = pending[0].result(), pending[1]
                     timing["host_wait_seconds"] += time.perf_counter() - t_wait  # loop waited
                     timing["host_seconds"] += host_seconds  # retrieval + tokenization
+                    if i == 0:  # between two updates: e.g. an index refresh
+                        retriever.before_step(model, step, snapshot)
                     # q before this micro-batch (unchanged inside an update): the next one's
                     snapshot = retriever.snapshot(model)
                     if step + 1 < config.train_steps or i + 1 < n_micro:

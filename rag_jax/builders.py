@@ -128,13 +128,12 @@ def build_model(
 
             generator = make() if mesh is None else partitioning.create_sharded(make, mesh, rules)
     doc_encoder = None
+    # .get: a workdir recorded before the field existed trained without BERT_d
     if model_config.get("train_doc_encoder", False):  # BERT_d trains (rag_jax.doc_encoder)
-        doc_encoder = load_bert_encoder(
+        doc_encoder = load_bert_encoder(  # with BERT_q's dropout, as configured
             model_config.doc_encoder or model_config.question_encoder,
-            dtype=dtype,
-            remat=model_config.remat,
-            mesh=mesh,
-            rules=rules,
+            dropout=bert_dropout,
+            **placed,
         )
     # Ids >= vocab_size would read NaN embeddings: refuse such a tokenizer here.
     check_tokenizer_vocab(

@@ -383,11 +383,10 @@ def latest_step(workdir: str | Path) -> int:
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
         raise FileNotFoundError(f"{workdir} holds no checkpoint (no {directory})")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step()
-    if step is None:
+    steps = saved_steps(Path(workdir))
+    if not steps:
         raise FileNotFoundError(f"{directory} holds no finished checkpoint")
-    return step
+    return steps[-1]
 
 
 def manager(workdir: Path, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:

@@ -363,11 +363,9 @@ SETTINGS_FILE = "eval_settings.json"
 def latest_checkpoint_step(workdir: str | Path) -> int | None:
     """The latest finished checkpoint step in ``workdir/checkpoints`` (orbax names a step's
     directory by the bare integer; unfinished ones carry a suffix), or None if there is none."""
-    directory = Path(workdir) / "checkpoints"
-    if not directory.is_dir():
-        return None
-    steps = [int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(steps, default=None)
+    from rag_jax.checkpoints import saved_steps  # lazily, as from_workdir: the one rule
+
+    return max(saved_steps(Path(workdir)), default=None)
 
 
 def evaluate(

@@ -28,6 +28,17 @@ _BART = dict(
 )  # fmt: skip
 _BART_TOKENIZER = dict(size=50265, pad=1, bos=0, eos=2)
 
+
+def _bart_preset(d_model: int, layers: int, heads: int, ffn: int) -> dict:
+    """A BART shape: encoder and decoder alike (as bart-base and bart-large are)."""
+    shape = dict(
+        d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads,
+        encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+    )  # fmt: skip
+    return dict(kind="bart", config={**_BART, **shape}, tokenizer=_BART_TOKENIZER)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # facebook/dpr-question_encoder-single-nq-base: BERT-base, CLS pooling, no projection
     "dpr-question_encoder-single-nq-base": dict(
@@ -40,20 +51,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
     "bert-base-uncased": dict(kind="bert", config=_BERT_BASE, tokenizer=_BERT_BASE_TOKENIZER),
     # facebook/bart-base and facebook/bart-large
-    "bart-base": dict(
-        kind="bart",
-        config={**_BART, "d_model": 768, "encoder_layers": 6, "decoder_layers": 6,
-                "encoder_attention_heads": 12, "decoder_attention_heads": 12,
-                "encoder_ffn_dim": 3072, "decoder_ffn_dim": 3072},
-        tokenizer=_BART_TOKENIZER,
-    ),
-    "bart-large": dict(
-        kind="bart",
-        config={**_BART, "d_model": 1024, "encoder_layers": 12, "decoder_layers": 12,
-                "encoder_attention_heads": 16, "decoder_attention_heads": 16,
-                "encoder_ffn_dim": 4096, "decoder_ffn_dim": 4096},
-        tokenizer=_BART_TOKENIZER,
-    ),
+    "bart-base": _bart_preset(d_model=768, layers=6, heads=12, ffn=3072),
+    "bart-large": _bart_preset(d_model=1024, layers=12, heads=16, ffn=4096),
     # The tiny BERT of benchmarks/gpu_train.py --tiny, for tests and configs/tiny.py
     "bert-tiny": dict(
         kind="bert",

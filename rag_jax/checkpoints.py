@@ -34,6 +34,7 @@ from flax import nnx
 from rag_jax import _files, builders, sharding
 from rag_jax.data import DataPosition
 from rag_jax.host_retrieval import Retriever
+from rag_jax.index.encode import weights_sha256
 from rag_jax.index.manifest import Manifest
 from rag_jax.models import partitioning
 from rag_jax.rag import RagModel
@@ -325,8 +326,11 @@ class TrainedRun:
         :func:`check_eval_config`), paths absolute.
       model, question_tokenizer, generator_tokenizer: as :func:`load_trained` returns them.
       step: the checkpoint step restored.
-      document_encoder: the recorded document encoder of the training index (None for a
-        closed-book model, or a workdir recorded before it was).
+      document_encoder: the document encoder every index the model answers from must have
+        been built with: the recorded one of the training index, or, for a run that trained
+        ``BERT_d`` (``model.train_doc_encoder``), the trained ``BERT_d`` of ``step`` (its
+        weights' SHA-256; ``rag_jax.export`` writes it as ``doc_encoder/`` for ``index
+        build``). None for a closed-book model, or a workdir recorded before it was.
     """
 
     workdir: Path
@@ -368,9 +372,15 @@ def open_workdir(
     if step is None:
         step = latest_step(workdir)
     model, question_tokenizer, generator_tokenizer = load_trained(config, str(workdir), step)
+    document_encoder = record.get("document_encoder")
+    if model.doc_encoder is not None:  # BERT_d trained: the index file's vectors are stale
+        document_encoder = {
+            "encoder_name": f"BERT_d trained in {workdir} (step {step}; python -m "
+            "rag_jax.export writes it as OUT/doc_encoder for index build --encoder)",
+            "encoder_sha256": weights_sha256(nnx.state(model.doc_encoder, nnx.Param)),
+        }
     return TrainedRun(
-        workdir, config, model, question_tokenizer, generator_tokenizer, step,
-        record.get("document_encoder"),
+        workdir, config, model, question_tokenizer, generator_tokenizer, step, document_encoder
     )  # fmt: skip
 
 

@@ -6,7 +6,10 @@ model fields (and transformers' ``from_pretrained``) load::
 
     DIR/question_encoder/   BERT_q   (model.question_encoder)
     DIR/generator/          BART     (model.generator)
-    DIR/export.json         the workdir and step it came from, and the RagConfig
+    DIR/doc_encoder/        BERT_d, when the run trained it (model.train_doc_encoder): the
+                            encoder to build the model's index with (index build --encoder)
+    DIR/export.json         the workdir and step it came from, the RagConfig, and the
+                            document encoder every index for the model must be built with
 
 so a trained generator can start another run (the demo's warm-up -> RAG), and
 :func:`load_exported` gives back the RagModel. The tokenizer files are copied byte for byte,
@@ -22,14 +25,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 
 from rag_jax import _files
 
 EXPORT_FILE = "export.json"
-_ENTRIES = {EXPORT_FILE, "question_encoder", "generator"}  # everything an export holds
+# everything an export holds
+_ENTRIES = {EXPORT_FILE, "question_encoder", "generator", "doc_encoder"}
 
 
 class ExportError(ValueError):
@@ -51,11 +54,11 @@ def _check_target(out: Path) -> None:
         )
 
 
-def _copy_tokenizer(tokenizer: Any, out: Path) -> None:
-    """The files the tokenizer was loaded from (its ``name_or_path`` directory), unchanged."""
+def _copy_tokenizer(source: str | os.PathLike, out: Path) -> None:
+    """The tokenizer files of directory ``source`` (a tokenizer's ``name_or_path``), unchanged."""
     from rag_jax.models.inputs import TOKENIZER_FILES
 
-    source = Path(tokenizer.name_or_path)
+    source = Path(source)
     for name in TOKENIZER_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, out / name)
@@ -79,7 +82,9 @@ def export(
       step: the checkpoint to export; default: the latest.
 
     Returns:
-      What ``out/export.json`` records: ``{"workdir", "step", "rag"}``.
+      What ``out/export.json`` records: ``{"workdir", "step", "rag", "document_encoder"}``
+      (the last: name and weights SHA-256 of the encoder an index must be built with, None
+      for a closed-book model).
 
     Raises:
       ExportError: ``out`` is a file or a directory that is not an export (checked before the
@@ -102,12 +107,19 @@ def export(
         "workdir": str(run.workdir),
         "step": run.step,
         "rag": dataclasses.asdict(model.config),
+        "document_encoder": run.document_encoder,
     }
     with _files.staged_dir(out) as staging:
         save_bert_encoder(model.query_encoder, staging / "question_encoder")
-        _copy_tokenizer(question_tokenizer, staging / "question_encoder")
+        _copy_tokenizer(question_tokenizer.name_or_path, staging / "question_encoder")
+        if model.doc_encoder is not None:
+            from rag_jax.doc_encoder import doc_encoder_dir
+            from rag_jax.models.hf_bert import tokenizer_dir
+
+            save_bert_encoder(model.doc_encoder, staging / "doc_encoder")
+            _copy_tokenizer(tokenizer_dir(doc_encoder_dir(run.config)), staging / "doc_encoder")
         save_bart(model.generator, staging / "generator")
-        _copy_tokenizer(generator_tokenizer, staging / "generator")
+        _copy_tokenizer(generator_tokenizer.name_or_path, staging / "generator")
         (staging / EXPORT_FILE).write_text(json.dumps(record, indent=2) + "\n")
         _check_target(out)  # still ours: nothing else appeared there meanwhile
     return record

@@ -21,7 +21,6 @@ import threading
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -30,7 +29,7 @@ from orbax.checkpoint._src.path import atomicity
 from rag_jax import checkpoints
 from rag_jax.checkpoints import DamagedCheckpointError, WorkdirError, load_trained, tree_mismatch
 from rag_jax.training import Preempted, StoppedError, train
-from tests.toy import DECAY_STEPS, directory_hash, read_metrics, tiny_config
+from tests.toy import DECAY_STEPS, directory_hash, final_state, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3  # checkpoints at 3, 6, 9, 12 (two kept)
@@ -65,25 +64,6 @@ def wait_for(condition, alive=lambda: True, timeout: float = 300) -> None:
 def saved_steps(workdir: Path) -> list[int]:
     with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
         return sorted(manager.all_steps())
-
-
-def final_state(workdir: Path) -> dict:
-    """The latest checkpoint: its step, data position, and arrays (parameters, optimizer
-    state, retrieval snapshot) by path."""
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
-        step = manager.latest_step()
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), position=ocp.args.JsonRestore()
-            ),
-        )
-    arrays = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(restored["state"]):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # the RNG state
-            leaf = jax.random.key_data(leaf)
-        arrays[jax.tree_util.keystr(path)] = np.asarray(leaf)
-    return {"step": step, "position": dict(restored["position"]), "arrays": arrays}
 
 
 def losses_by_step(workdir: Path) -> dict[int, float]:

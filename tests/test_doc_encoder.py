@@ -240,6 +240,31 @@ def test_a_run_resumed_across_a_refresh_equals_the_uninterrupted_one(toy, tmp_pa
     assert [m["grad_norm"] for m in b] == [m["grad_norm"] for m in a]
 
 
+def test_the_trained_bert_d_is_exported_and_only_its_index_serves_the_model(
+    toy, tmp_path, straight
+):
+    """A model whose BERT_d trained is evaluated (eval.py, ask: ``Evaluator.from_workdir``)
+    only against an index built with that BERT_d: the training index (the untrained encoder's
+    vectors) is refused, naming the export; the export's doc_encoder/ is the trained BERT_d and
+    builds an index that is accepted."""
+    from rag_jax.evaluation import Evaluator
+    from rag_jax.export import export
+    from rag_jax.index import IndexMismatchError
+    from rag_jax.index.encode import weights_sha256
+
+    with pytest.raises(IndexMismatchError, match=r"BERT_d trained in .*step 6.*rag_jax.export"):
+        Evaluator.from_workdir(straight)  # the config's index, built before BERT_d trained
+    record = export(straight, tmp_path / "export")
+    exported = tmp_path / "export" / "doc_encoder"
+    bert_d = load_text_encoder(exported, max_length=32)
+    assert record["document_encoder"]["encoder_sha256"] == bert_d.weights_sha256
+    vectors = index_vectors(toy / "corpus.jsonl", exported, tmp_path / "index")
+    assert not np.allclose(vectors, np.load(toy / "index" / "embeddings.npy"), atol=1e-3)
+    evaluator = Evaluator.from_workdir(straight, index=tmp_path / "index")
+    trained = weights_sha256(nnx.state(evaluator.model.doc_encoder, nnx.Param))
+    assert trained == bert_d.weights_sha256  # the checkpoint's BERT_d, exported unchanged
+
+
 def test_settings_no_run_can_use_are_refused(toy, tmp_path):
     cases = [
         ({"data.refresh_every": 2, "data.retrieval": "device"}, r"refresh_every=2.*train_doc_enc"),

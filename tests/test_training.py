@@ -189,6 +189,47 @@ def test_nonfinite_steps_stop_the_run_and_leave_the_checkpoints_intact(
     jax.tree.map(np.testing.assert_array_equal, params[4], params[2])
 
 
+def test_train_py_stops_on_nonfinite_updates_with_one_line_and_exit_1(toy, tmp_path):
+    """A learning rate of 1e30 makes the parameters overflow after the first applied update:
+    every later loss is NaN, a real one (no patched step). train.py skips those updates, stops
+    at the max_consecutive_nonfinite-th in a row with one error line and exit status 1, and
+    the checkpoint saved before is intact and finite."""
+    import subprocess
+    import sys
+
+    from rag_jax.checkpoints import load_trained
+
+    root = Path(__file__).resolve().parents[1]
+    overrides = {
+        "model.question_encoder": toy / "encoder", "data.index": toy / "index",
+        "data.train": toy / "qa.jsonl", "train_steps": 10, "log_every": 1,
+        "checkpoint.every": 1, "checkpoint.keep": 10, "optimizer.warmup_steps": 0,
+        "optimizer.learning_rate": 1e30, "optimizer.max_consecutive_nonfinite": 2,
+        "optimizer.decay_steps": DECAY_STEPS,
+    }  # fmt: skip
+    args = [
+        sys.executable, str(root / "train.py"), "--config", str(root / "configs/tiny.py"),
+        "--workdir", str(tmp_path / "run"),
+        *(f"--config.{key}={value}" for key, value in overrides.items()),
+    ]  # fmt: skip
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: step ") and "non-finite" in last, done.stderr
+    stopped_at = int(last.removeprefix("error: step ").split(":")[0])
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics[0]["skipped_updates"] == 0 and np.isfinite(metrics[0]["loss"])
+    assert [m["skipped_updates"] for m in metrics[1:]] == [1] * (len(metrics) - 1)
+    assert stopped_at == len(metrics) + 1 == 3  # steps 2 and 3 non-finite, the 2nd in a row
+    config = tiny_config(toy, **{k: v for k, v in overrides.items() if "." in k})
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert saved[-1] == len(metrics)
+    for step in saved:
+        params = nnx.state(load_trained(config, tmp_path / "run", step)[0], nnx.Param)
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params)), step
+
+
 DROPOUT_PATHS = [  # every train-step path; each dropout kind is tested at the model level below
     {},
     {"data.retrieval": "device"},

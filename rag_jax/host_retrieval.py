@@ -179,6 +179,7 @@ class Prepared:
     n_truncated: dict[str, int]  # inputs cut, by part (this process's)
     n_target_tokens: int  # this process's
     retrieval_state: nnx.State | None = None  # device retrieval: the query encoder to use
+    nonfinite_queries: int = 0  # host retrieval: rows whose q(x) held NaN or inf
 
 
 class Retriever:
@@ -273,14 +274,26 @@ class HostRetriever(Retriever):
             return examples, embed_questions(self.graphdef, state, ids, mask)  # asynchronous
 
     def _build(self, examples, query_emb) -> Prepared:
+        bad = np.zeros(len(examples), bool)
         if query_emb is not None:
-            query_emb = local_rows(query_emb)  # this process's rows, (B, H)
+            query_emb = np.asarray(local_rows(query_emb), np.float32)  # this process's, (B, H)
+            # A non-finite q(x) makes a non-finite step, as on the device path: the search
+            # gets zeros (any documents), the step NaN document vectors, hence a NaN loss, an
+            # update skipped and counted (training._check_finite names the query vectors).
+            bad = ~np.isfinite(query_emb).all(axis=1)
+            query_emb = np.where(bad[:, None], 0.0, query_emb)
         host = self.builder(examples, query_emb=query_emb)
+        batch = host.batch
+        if bad.any():
+            doc_vectors = batch.doc_vectors.copy()
+            doc_vectors[bad] = np.nan
+            batch = dataclasses.replace(batch, doc_vectors=doc_vectors)
         return Prepared(
-            shard_batch(host.batch, self.mesh),
+            shard_batch(batch, self.mesh),
             host.doc_ids,
             host.n_truncated,
-            int(host.batch.target_mask.sum()),
+            int(batch.target_mask.sum()),
+            nonfinite_queries=int(bad.sum()),
         )
 
     def step(self, model, optimizer, prepared: Prepared) -> tuple[dict, np.ndarray, dict]:

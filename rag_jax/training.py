@@ -297,7 +297,10 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     t1 = time.perf_counter()
                     metrics, doc_ids, n_truncated = retriever.step(model, optimizer, prepared)
                     timing["device_seconds"] += time.perf_counter() - t1  # dispatch to result
-                    nonfinite += [p for p in _nonfinite_parts(metrics) if p not in nonfinite]
+                    parts = _nonfinite_parts(metrics)
+                    if prepared.nonfinite_queries:
+                        parts.append("query vectors of the retrieval")
+                    nonfinite += [p for p in parts if p not in nonfinite]
                     micro.append(metrics)
                     n_target_tokens += prepared.n_target_tokens
                     monitor.add(doc_ids, n_truncated)

@@ -106,13 +106,20 @@ def read_metrics(workdir: Path) -> list[dict]:
 
 def final_state(workdir: Path) -> dict:
     """The latest checkpoint: its step, data position, and arrays (parameters, optimizer
-    state, retrieval snapshot) by path."""
-    with ocp.CheckpointManager((workdir / "checkpoints").absolute()) as manager:
-        step = manager.latest_step()
-        restored = manager.restore(
+    state, retrieval snapshot) by path, restored whole onto one device whatever the mesh and
+    the number of processes that wrote it."""
+    handlers = {"state": ocp.StandardCheckpointHandler(), "position": ocp.JsonCheckpointHandler()}
+    with ocp.CheckpointManager((workdir / "checkpoints").absolute(), item_handlers=handlers) as m:
+        step = m.latest_step()
+        one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        target = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device),
+            m.item_metadata(step)["state"],
+        )
+        restored = m.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(), position=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), position=ocp.args.JsonRestore()
             ),
         )
     arrays = {}
@@ -120,6 +127,7 @@ def final_state(workdir: Path) -> dict:
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):  # the RNG state
             leaf = jax.random.key_data(leaf)
         arrays[jax.tree_util.keystr(path)] = np.asarray(leaf)
+    assert arrays  # a checkpoint holds arrays
     return {"step": step, "position": dict(restored["position"]), "arrays": arrays}
 
 

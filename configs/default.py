@@ -84,6 +84,10 @@ def get_config() -> ml_collections.ConfigDict:
     # and device retrieval only); 0: never (the index is still re-encoded at the start when
     # BERT_d is not the encoder that built it).
     config.data.refresh_every = 0
+    # Between refreshes, over-retrieve this many candidates (L > K) from the stale index and
+    # keep the K best by q(x)·d(z) with the current BERT_d (Atlas, Izacard et al., 2022);
+    # 0: the top K of the index. train_doc_encoder only.
+    config.data.rescore_candidates = 0
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.learning_rate = 3e-5  # peak learning rate (the paper)

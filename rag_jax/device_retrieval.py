@@ -76,6 +76,8 @@ class DeviceCorpus:
       doc_token_ids: (N', Ld) int32 BERT_d tokens of each passage's (title, text), rows sharded
         as the vectors, when the document encoder trains (:mod:`rag_jax.doc_encoder`); else None.
       doc_token_lengths: (N',) int32 their lengths (>= 1), or None.
+      rescore_candidates: L > K candidates searched and re-scored with the current BERT_d,
+        the best K kept (:func:`rescore`); 0: the index's top K.
     """
 
     index: ExactIndex
@@ -86,6 +88,7 @@ class DeviceCorpus:
     pad_id: int = dataclasses.field(metadata={"static": True})
     doc_token_ids: jax.Array | None = None
     doc_token_lengths: jax.Array | None = None
+    rescore_candidates: int = dataclasses.field(default=0, metadata={"static": True})
 
 
 def device_corpus(
@@ -248,21 +251,71 @@ def assemble_contexts(
     return ids, s < end, jnp.sum(cut, axis=-1, dtype=jnp.int32)
 
 
+def _doc_tokens(corpus: DeviceCorpus, ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """BERT_d's inputs for passages ``ids`` (B, K): ``(token ids, mask)``, each (B, K, Ld)."""
+    Ld = corpus.doc_token_ids.shape[-1]
+    lengths = jnp.take(corpus.doc_token_lengths, ids, axis=0)  # (B, K)
+    return jnp.take(corpus.doc_token_ids, ids, axis=0), jnp.arange(Ld) < lengths[..., None]
+
+
+def rescore(
+    doc_encoder, corpus: DeviceCorpus, query_emb: jax.Array, candidates, n_docs: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The ``n_docs`` (K) of the L candidates with the highest ``q(x)·d(z)``, ``d(z)`` by
+    ``doc_encoder`` (the current BERT_d) from the passages' tokens: Atlas's re-ranking of an
+    over-retrieved, stale index between refreshes. Selection only: no gradient flows here.
+
+    Args:
+      doc_encoder: a BERT encoder with ``embed(ids (M, Ld), mask (M, Ld)) -> (M, H)``.
+      corpus: carries the BERT_d tokens (``doc_token_ids``).
+      query_emb: (B, H) q(x).
+      candidates: the index's top L (:class:`~rag_jax.index.SearchResult`: ids, scores,
+        doc_vectors, each (B, L, ...)); slots it could not fill (score -inf) stay last.
+
+    Returns:
+      ``(ids (B, K), scores (B, K), doc_vectors (B, K, H))`` of the kept candidates, the
+      scores and vectors the index's (as a search would give them).
+    """
+    B, L = candidates.ids.shape
+    token_ids, mask = _doc_tokens(corpus, candidates.ids)  # (B, L, Ld)
+    fresh = doc_encoder.embed(
+        token_ids.reshape(B * L, -1), mask.reshape(B * L, -1).astype(jnp.int32)
+    ).reshape(B, L, -1)  # (B, L, H)
+    scores = jnp.einsum("bh,blh->bl", query_emb, fresh.astype(query_emb.dtype))
+    scores = jax.lax.stop_gradient(jnp.where(candidates.scores == -jnp.inf, -jnp.inf, scores))
+    _, best = jax.lax.top_k(scores, n_docs)  # (B, K)
+
+    def keep(x):
+        return jnp.take_along_axis(x, best.reshape(best.shape + (1,) * (x.ndim - 2)), axis=1)
+
+    return keep(candidates.ids), keep(candidates.scores), keep(candidates.doc_vectors)
+
+
 def retrieve(
-    query_encoder, corpus: DeviceCorpus, questions: QuestionBatch, config: RagConfig
+    query_encoder,
+    corpus: DeviceCorpus,
+    questions: QuestionBatch,
+    config: RagConfig,
+    doc_encoder=None,
 ) -> tuple[RagBatch, jax.Array, jax.Array]:
     """Device retrieval, traceable inside ``jit``: ``q(x)`` with ``query_encoder`` (no
-    gradient), the top K of ``corpus``, their vectors and tokens, the generator inputs.
+    gradient), the top K of ``corpus`` (with ``corpus.rescore_candidates``: the best K of its
+    top L by ``doc_encoder``, :func:`rescore`), their vectors and tokens, the generator inputs.
 
     Returns:
       ``(batch, doc_ids (B, K) int32, n_cut (B,) int32)``: the :class:`RagBatch` the host path
       builds for the same questions, the passages' ids and the inputs cut per question.
     """
     query_emb = query_encoder.embed(questions.question_ids, questions.question_mask)  # (B, H)
-    result = exact_search(corpus.index, jax.lax.stop_gradient(query_emb), config.n_docs)
+    query_emb = jax.lax.stop_gradient(query_emb)
+    n_searched = max(config.n_docs, corpus.rescore_candidates)
+    result = exact_search(corpus.index, query_emb, n_searched)
+    ids, scores, doc_vectors = result.ids, result.scores, result.doc_vectors
+    if corpus.rescore_candidates:
+        ids, scores, doc_vectors = rescore(doc_encoder, corpus, query_emb, result, config.n_docs)
     context_ids, context_mask, n_cut = assemble_contexts(
-        jnp.take(corpus.passage_ids, result.ids, axis=0),  # (B, K, P)
-        jnp.take(corpus.passage_lengths, result.ids, axis=0),  # (B, K)
+        jnp.take(corpus.passage_ids, ids, axis=0),  # (B, K, P)
+        jnp.take(corpus.passage_lengths, ids, axis=0),  # (B, K)
         questions.suffix_ids,
         questions.suffix_lengths,
         corpus,
@@ -270,19 +323,15 @@ def retrieve(
     )
     doc_tokens = {}
     if corpus.doc_token_ids is not None:  # BERT_d trains: its inputs for the K passages
-        Ld = corpus.doc_token_ids.shape[-1]
-        lengths = jnp.take(corpus.doc_token_lengths, result.ids, axis=0)  # (B, K)
-        doc_tokens = dict(
-            doc_token_ids=jnp.take(corpus.doc_token_ids, result.ids, axis=0),  # (B, K, Ld)
-            doc_token_mask=jnp.arange(Ld) < lengths[..., None],  # (B, K, Ld)
-        )
+        token_ids, mask = _doc_tokens(corpus, ids)
+        doc_tokens = dict(doc_token_ids=token_ids, doc_token_mask=mask)  # (B, K, Ld) each
     batch = RagBatch(
         question_ids=questions.question_ids,
         question_mask=questions.question_mask,
-        doc_vectors=result.doc_vectors,  # (B, K, H) float32
+        doc_vectors=doc_vectors,  # (B, K, H) float32
         # Exact search fills all K slots when K <= N; a NaN score (a non-finite q(x)) is kept, so
         # that the loss is NaN and the step is skipped, not counted as a question without docs.
-        doc_mask=result.scores != -jnp.inf,
+        doc_mask=scores != -jnp.inf,
         context_ids=context_ids,
         context_mask=context_mask,
         decoder_input_ids=questions.decoder_input_ids,
@@ -290,7 +339,7 @@ def retrieve(
         target_mask=questions.target_mask,
         **doc_tokens,
     )
-    return batch, result.ids, n_cut
+    return batch, ids, n_cut
 
 
 def corpus_from_knowledge(knowledge, builder, probe_question: str) -> DeviceCorpus:

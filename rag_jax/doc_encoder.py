@@ -56,10 +56,12 @@ REFRESH_ROWS = 64
 
 
 def enabled(config: ml_collections.ConfigDict) -> bool:
-    """Whether the run trains ``BERT_d`` or asks for refreshes (which :func:`check_settings`
-    then holds to the rules)."""
-    return bool(config.model.get("train_doc_encoder", False)) or bool(
-        config.data.get("refresh_every", 0)
+    """Whether the run trains ``BERT_d`` or asks for refreshes or re-scoring (which
+    :func:`check_settings` then holds to the rules)."""
+    return (
+        bool(config.model.get("train_doc_encoder", False))
+        or bool(config.data.get("refresh_every", 0))
+        or bool(config.data.get("rescore_candidates", 0))
     )
 
 
@@ -72,20 +74,34 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
     """One-line errors for document-encoder settings no run can use.
 
     Raises:
-      ValueError: ``data.refresh_every`` not an int >= 0, or set without
-        ``model.train_doc_encoder``; ``train_doc_encoder`` with a closed-book model or with
+      ValueError: ``data.refresh_every`` or ``data.rescore_candidates`` not an int >= 0, or
+        set without ``model.train_doc_encoder``; ``rescore_candidates`` not above
+        ``rag.n_docs``; ``train_doc_encoder`` with a closed-book model or with
         host retrieval (the host path does not carry the passages' BERT_d tokens).
     """
+    for field in ("refresh_every", "rescore_candidates"):
+        value = config.data.get(field, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"config.data.{field} must be an int >= 0, got {value!r}")
     refresh_every = config.data.get("refresh_every", 0)
-    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 0:
-        raise ValueError(f"config.data.refresh_every must be an int >= 0, got {refresh_every!r}")
+    rescore_candidates = config.data.get("rescore_candidates", 0)
     if not config.model.get("train_doc_encoder", False):
         if refresh_every:
             raise ValueError(
                 f"config.data.refresh_every={refresh_every} re-encodes the corpus with a trained "
                 "document encoder: set config.model.train_doc_encoder=True (or refresh_every=0)"
             )
+        if rescore_candidates:
+            raise ValueError(
+                f"config.data.rescore_candidates={rescore_candidates} re-ranks candidates with a "
+                "trained document encoder: set config.model.train_doc_encoder=True (or 0)"
+            )
         return
+    if rescore_candidates and rescore_candidates <= config.rag.n_docs:
+        raise ValueError(
+            f"config.data.rescore_candidates={rescore_candidates} must exceed rag.n_docs="
+            f"{config.rag.n_docs} (L candidates, the best K kept), or be 0"
+        )
     if config.rag.marginalization == "closed_book":
         raise ValueError(
             "config.model.train_doc_encoder=True needs retrieval, but config.rag.marginalization="
@@ -223,10 +239,13 @@ def encode_corpus(doc_encoder, corpus: device_retrieval.DeviceCorpus, params=Non
 
 
 def with_doc_tokens(
-    corpus: device_retrieval.DeviceCorpus, ids: np.ndarray, lengths: np.ndarray
+    corpus: device_retrieval.DeviceCorpus,
+    ids: np.ndarray,
+    lengths: np.ndarray,
+    rescore_candidates: int = 0,
 ) -> device_retrieval.DeviceCorpus:
     """``corpus`` with the passages' BERT_d tokens (N, Ld), (N,) placed beside its vectors
-    (padded to its N' rows, length 1)."""
+    (padded to its N' rows, length 1), and ``rescore_candidates`` (L, 0: off) set."""
     rows = corpus.index.embeddings.shape[0]
     ids = np.pad(ids, ((0, rows - len(ids)), (0, 0)))
     lengths = np.pad(lengths, (0, rows - len(lengths)), constant_values=1)
@@ -234,6 +253,7 @@ def with_doc_tokens(
         corpus,
         doc_token_ids=device_retrieval._like_index(ids, corpus.index),
         doc_token_lengths=device_retrieval._like_index(lengths, corpus.index),
+        rescore_candidates=rescore_candidates,
     )
 
 
@@ -332,9 +352,15 @@ def make_retriever(
     ids, lengths = passage_tokens(
         passages, doc_encoder_dir(config), knowledge.manifest, model.doc_encoder
     )
+    rescore_candidates = config.data.get("rescore_candidates", 0)
+    if rescore_candidates > knowledge.manifest.count:
+        raise ValueError(
+            f"config.data.rescore_candidates={rescore_candidates} but the index "
+            f"{config.data.index} holds {knowledge.manifest.count} passages"
+        )
     return DocEncoderRetriever(
         builder,
-        with_doc_tokens(corpus, ids, lengths),
+        with_doc_tokens(corpus, ids, lengths, rescore_candidates),
         mesh,
         step_fn,
         config.data.prefetch,

@@ -111,8 +111,12 @@ def _device_step(
     """:func:`device_train_step`, unjitted (``objective``: the loss differentiated)."""
     query_encoder = nnx.merge(nnx.graphdef(model.query_encoder), retrieval_state)
     query_encoder.eval()  # retrieval without dropout, as on the host
+    doc_encoder = None
+    if corpus.rescore_candidates:  # the current BERT_d re-ranks the candidates, no dropout
+        doc_encoder = nnx.merge(*nnx.split(model.doc_encoder))
+        doc_encoder.eval()
     batch, doc_ids, n_cut = device_retrieval.retrieve(
-        query_encoder, corpus, questions, model.config
+        query_encoder, corpus, questions, model.config, doc_encoder
     )
     # Split the batch over the mesh as the host path's batch is: the same partitioned step
     # (and each device computes its own rows, not all of them).

@@ -2,6 +2,7 @@
 index in the training program (``data.refresh_every``), on the toy world of tests/toy.py: its
 index is sharded over the 4 test devices."""
 
+import dataclasses
 import shutil
 
 import jax
@@ -39,9 +40,9 @@ def index_vectors(corpus_file, encoder_dir, out_dir) -> np.ndarray:
     return np.load(out_dir / "embeddings.npy")
 
 
-def device_batch(config, model):
-    """The first 4 questions' RagBatch as device retrieval builds it (no mesh), with BERT_d
-    tokens."""
+def device_inputs(config, model):
+    """``(corpus, questions)`` of device retrieval (no mesh): the toy corpus with its BERT_d
+    tokens (and ``data.rescore_candidates``), the first 4 questions."""
     question_tokenizer, generator_tokenizer = model._tokenizers
     knowledge = open_knowledge(config, model)
     builder = BatchBuilder(
@@ -54,10 +55,17 @@ def device_batch(config, model):
     ids, lengths = doc_encoder.passage_tokens(
         passages, doc_encoder.doc_encoder_dir(config), knowledge.manifest, model.doc_encoder
     )
-    corpus = doc_encoder.with_doc_tokens(corpus, ids, lengths)
+    corpus = doc_encoder.with_doc_tokens(corpus, ids, lengths, config.data.rescore_candidates)
     questions, _ = device_retrieval.question_batch(examples[:4], builder, passages[0])
-    questions = jax.tree.map(jnp.asarray, questions)
-    batch, _, _ = device_retrieval.retrieve(model.query_encoder, corpus, questions, model.config)
+    return corpus, jax.tree.map(jnp.asarray, questions)
+
+
+def device_batch(config, model):
+    """The first 4 questions' RagBatch as device retrieval builds it (no mesh), with BERT_d
+    tokens: the index's top K."""
+    corpus, questions = device_inputs(config, model)
+    plain = dataclasses.replace(corpus, rescore_candidates=0)
+    batch, _, _ = device_retrieval.retrieve(model.query_encoder, plain, questions, model.config)
     return batch
 
 
@@ -187,6 +195,30 @@ def test_after_training_a_refresh_equals_index_build_with_the_trained_bert_d(toy
     np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_rescoring_keeps_the_best_k_of_l_by_the_current_bert_d(toy, tmp_path):
+    """L = 8 candidates (every passage) from the stale index (seed-0 encoder), re-scored with
+    BERT_d (seed 1): the K = 2 kept, in order, are the top 2 of brute force over the vectors
+    `index build` gives with BERT_d, not the stale index's top 2."""
+    other = tiny_encoder(tmp_path / "other", seed=1)
+    fresh = index_vectors(toy / "corpus.jsonl", other, tmp_path / "index")  # (N, H)
+    stale = np.load(toy / "index" / "embeddings.npy")
+    overrides = {"model.doc_encoder": str(other), "rag.n_docs": 2, "data.rescore_candidates": 8}
+    config = tiny_config(toy, **{**DOC, **overrides})
+    model, *tokenizers = build_model(config)
+    model._tokenizers = tokenizers
+    model.eval()
+    batch = device_batch(config, model)
+    corpus, questions = device_inputs(config, model)
+    doc_encoder = nnx.merge(*nnx.split(model.doc_encoder))
+    _, ids, _ = device_retrieval.retrieve(
+        model.query_encoder, corpus, questions, model.config, doc_encoder
+    )
+    q = np.asarray(model.embed_questions(batch.question_ids, batch.question_mask))
+    expected = np.argsort(-(q @ fresh.T), axis=1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(np.asarray(ids), expected)
+    assert not np.array_equal(expected, np.argsort(-(q @ stale.T), axis=1)[:, :2])
+
+
 def test_off_or_frozen_bert_d_trains_as_the_frozen_index(toy, tmp_path):
     """Off: no BERT_d in the model or the checkpoint. On but frozen (``optimizer.freeze``):
     BERT_d's fresh d(z) equal the index's stored vectors up to float32 rounding (~1e-7), so
@@ -214,7 +246,11 @@ def test_off_or_frozen_bert_d_trains_as_the_frozen_index(toy, tmp_path):
     assert any(p.startswith("retrieval_query_encoder/index_encoder/") for p in frozen_arrays)
 
 
-RESUME = {"log_every": 1, "checkpoint.every": 10, "data.refresh_every": 2, **DOC}
+# Re-scoring on too (6 candidates, the best 4 kept): resumed, exported, as any other setting.
+RESUME = {
+    "log_every": 1, "checkpoint.every": 10, "data.refresh_every": 2,
+    "data.rescore_candidates": 6, **DOC,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +307,9 @@ def test_settings_no_run_can_use_are_refused(toy, tmp_path):
         ({"model.train_doc_encoder": True}, r"device retrieval only.*'host'"),
         ({**DOC, "data.refresh_every": -1}, r"refresh_every must be an int >= 0"),
         ({**DOC, "rag.marginalization": "closed_book"}, r"closed_book"),
+        ({"data.rescore_candidates": 6}, r"rescore_candidates=6 re-ranks.*train_doc_encoder"),
+        ({**DOC, "data.rescore_candidates": 4}, r"rescore_candidates=4 must exceed rag.n_docs=4"),
+        ({**DOC, "data.rescore_candidates": 9}, r"rescore_candidates=9 but the index .* 8 pass"),
     ]
     for overrides, message in cases:
         with pytest.raises(ValueError, match=message):

@@ -67,13 +67,19 @@ CountFn = Callable[[Sequence[str], Sequence[str] | None], list[int]]
 def weights_sha256(params: Any) -> str:
     """SHA-256 of a parameter pytree: every leaf's path, dtype, shape and bytes, in path order.
 
-    Identifies an encoder's weights independently of the file they were loaded from.
+    Identifies an encoder's weights independently of the file they were loaded from. A leaf
+    split over several processes (FSDP) is gathered whole first: every process must call this
+    at the same point, as any collective.
     """
     digest = hashlib.sha256()
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
     for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
         if jax.dtypes.issubdtype(getattr(leaf, "dtype", None), jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
+        if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+            from jax.experimental import multihost_utils
+
+            leaf = multihost_utils.process_allgather(leaf, tiled=True)
         value = np.asarray(leaf)
         digest.update(f"{jax.tree_util.keystr(path)}|{value.dtype}|{value.shape}|".encode())
         digest.update(np.ascontiguousarray(value).tobytes())

@@ -127,10 +127,16 @@ def check_text(text: str, what: str) -> None:
 
 @dataclasses.dataclass
 class DataPosition:
-    """Where the loop is in the data: a deterministic permutation per epoch, by seed."""
+    """Where the loop is in the data: a deterministic permutation per epoch, by seed.
+
+    ``running`` holds what the loop has measured so far that its logged figures depend on
+    (the collapse watch's window of retrieved documents, the inputs cut), saved with the
+    position so that a resumed run logs what the uninterrupted one would.
+    """
 
     epoch: int = 0
     index: int = 0
+    running: dict = dataclasses.field(default_factory=dict)
 
     def next_batch(
         self, examples: list[QAExample], batch_size: int, seed: int, process: tuple[int, int]

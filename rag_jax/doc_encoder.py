@@ -79,12 +79,11 @@ def check_settings(config: ml_collections.ConfigDict) -> None:
         ``rag.n_docs``; ``train_doc_encoder`` with a closed-book model or with
         host retrieval (the host path does not carry the passages' BERT_d tokens).
     """
-    for field in ("refresh_every", "rescore_candidates"):
-        value = config.data.get(field, 0)
+    counts = {field: config.data.get(field, 0) for field in ("refresh_every", "rescore_candidates")}
+    for field, value in counts.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"config.data.{field} must be an int >= 0, got {value!r}")
-    refresh_every = config.data.get("refresh_every", 0)
-    rescore_candidates = config.data.get("rescore_candidates", 0)
+    refresh_every, rescore_candidates = counts["refresh_every"], counts["rescore_candidates"]
     if not config.model.get("train_doc_encoder", False):
         if refresh_every:
             raise ValueError(

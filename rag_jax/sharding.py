@@ -77,6 +77,12 @@ def place_on_mesh(model, tx, mesh, config, wrt) -> nnx.Optimizer:
         return partitioning.put(x, replicated)  # counters created on the default device
 
     nnx.update(optimizer, jax.tree.map(on_mesh, nnx.state(optimizer)))
+    if mesh.size == 1:
+        # The step returns every array of a one-device mesh as PartitionSpec(): started
+        # from equivalent but differently written shardings (P(None, None), or uncommitted
+        # arrays), the second step would compile the whole program again.
+        for node in (model, optimizer):
+            nnx.update(node, jax.device_put(nnx.state(node), replicated))
     return optimizer
 
 

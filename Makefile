@@ -1,5 +1,5 @@
 # Two commands from a fresh clone:
-#   make demo   -- runs the main job: RAG trained and evaluated on Wikipedia text (CPU, ~20 min)
+#   make demo   -- runs the main job: RAG trained and evaluated on Wikipedia text (CPU, ~30 min)
 #   make test   -- installs everything the tests need into .venv, then lint + the whole suite
 PYTHON ?= python3
 VENV ?= .venv

@@ -99,3 +99,36 @@ def test_overrides_are_typed_checked_and_name_the_run(tmp_path):
     with pytest.raises(ValueError, match="could not convert"):
         run.main(["--workdir", str(tmp_path / "w"), "--warmup-config", "optimizer.b2=high"])
     assert not (tmp_path / "w").exists()
+
+
+def test_every_variant_is_a_config_train_accepts(tmp_path):
+    """Each variant of the main job is configs/demo.py with only its own fields changed, and
+    passes every settings check train() makes before it reads a file; the BERT_d variant is
+    RAG-Sequence with document-encoder training, device retrieval, refreshes and re-scoring
+    on."""
+    from examples.wiki import run
+    from rag_jax import checkpoints
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                out |= flat(value, f"{prefix}{key}.")
+            else:
+                out[prefix + key] = value
+        return out
+
+    configs = {
+        name: run.rag_config(tmp_path, tmp_path / "generator", marginalization, None, differs)
+        for name, (marginalization, _, differs) in run.VARIANTS.items()
+    }
+    for config in configs.values():
+        checkpoints.check_settings(config)
+    sequence, bert_d = (flat(configs[n].to_dict()) for n in ("rag_sequence", "rag_sequence_bert_d"))
+    differ = {key: bert_d[key] for key in sequence if sequence[key] != bert_d[key]}
+    assert differ == {
+        "model.train_doc_encoder": True,
+        "data.retrieval": "device",
+        "data.refresh_every": 50,
+        "data.rescore_candidates": 8,
+    }

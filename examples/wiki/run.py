@@ -13,10 +13,12 @@ resumes or returns at once.
    ``configs/demo_warmup.py``: a small BART, warm-started from MiniLM, learns closed-book from
    the passages alone to name the entity a passage is about; then ``rag_jax.export`` writes it
    as the BART directory the RAG config loads.
-4. RAG-Sequence, RAG-Token and a closed-book baseline: ``train`` with ``configs/demo.py``.
+4. RAG-Sequence, RAG-Token and a closed-book baseline: ``train`` with ``configs/demo.py``; and
+   RAG-Sequence with the document encoder trained too (``rag_sequence_bert_d``).
 5. evaluation with the library's ``Evaluator`` (``eval.py``'s): retrieval recall before and
-   after fine-tuning, exact match of the three models on unseen entities, and the index hot
-   swap (``hot_swap.py``).
+   after fine-tuning (BERT_q alone, or BERT_q and BERT_d, searched in an index the trained
+   BERT_d rebuilt), exact match of the models on unseen entities, and the index hot swap
+   (``hot_swap.py``).
 6. the report (``report.py``): a table (printed, results.md, results.json) and demo.png.
 """
 
@@ -42,10 +44,25 @@ from configs import demo_warmup as warmup_config  # noqa: E402
 from examples.wiki import hot_swap, prepare, report  # noqa: E402
 
 log = logging.getLogger("wiki_demo")
-VARIANTS = {  # name: (marginalization, decoding)
-    "rag_sequence": ("sequence", "thorough"),
-    "rag_token": ("token", "token"),
-    "closed_book": ("closed_book", "token"),
+VARIANTS = {  # name: (marginalization, decoding, what differs from configs/demo.py)
+    "rag_sequence": ("sequence", "thorough", {}),
+    "rag_token": ("token", "token", {}),
+    "closed_book": ("closed_book", "token", {}),
+    # BERT_d trains too (rag_jax/doc_encoder.py), at BERT_q's rate: the K passages' d(z) are
+    # recomputed in the step, the corpus is re-encoded in-program after step 50, and between
+    # refreshes each question's 8 best candidates from the stale index are re-ranked by the
+    # current BERT_d (Atlas); the index searched in evaluation is rebuilt with the trained
+    # BERT_d (index_for).
+    "rag_sequence_bert_d": (
+        "sequence",
+        "thorough",
+        {
+            "model.train_doc_encoder": True,
+            "data.retrieval": "device",
+            "data.refresh_every": 50,
+            "data.rescore_candidates": 8,
+        },
+    ),
 }
 
 
@@ -128,17 +145,43 @@ def warmup(workdir: Path, config: ml_collections.ConfigDict) -> Path:
     return run / "export" / "generator"
 
 
-def rag_config(workdir: Path, generator: Path, marginalization: str, steps: int | None):
-    """``configs/demo.py`` pointed into ``workdir``, reading the warm-up's ``generator``."""
+def rag_config(
+    workdir: Path,
+    generator: Path,
+    marginalization: str,
+    steps: int | None,
+    differs: dict | None = None,
+):
+    """``configs/demo.py`` pointed into ``workdir``, reading the warm-up's ``generator``, with
+    the fields of ``differs`` set."""
     values = {
         **paths(workdir),
         "model.generator": generator,
         "data.train": workdir / "data" / "train.jsonl",
         "rag.marginalization": marginalization,
+        **(differs or {}),
     }
     if steps:
         values["train_steps"] = steps
     return with_overrides(demo_config.get_config(), values)
+
+
+def index_for(workdir: Path, run_dir: Path, config: ml_collections.ConfigDict) -> Path | None:
+    """The index a trained model is evaluated with: the demo's, searched by vectors of the
+    frozen MiniLM; for a run that trained BERT_d, the corpus encoded again by that BERT_d
+    (``rag_jax.export`` writes it, ``index build``'s settings as ``prepare.index_corpus``);
+    None for a closed-book model."""
+    if config.rag.marginalization == "closed_book":
+        return None
+    if not config.model.train_doc_encoder:
+        return workdir / "index"
+    from rag_jax.export import EXPORT_FILE, export
+
+    if not (run_dir / "export" / EXPORT_FILE).exists():
+        export(run_dir, run_dir / "export", config=config)
+    corpus, doc_encoder = workdir / "data" / "corpus.jsonl", run_dir / "export" / "doc_encoder"
+    prepare.index_corpus(corpus, doc_encoder, run_dir / "index")
+    return run_dir / "index"
 
 
 def evaluate(model, tokenizers, index: Path | None, data: Path, out: Path, **settings) -> dict:
@@ -211,8 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
     generator = warmup(workdir, warm)
     stage("warmup")
     configs, run_dirs = {}, {}
-    for name, (marginalization, _) in variants.items():
-        configs[name] = rag_config(workdir, generator, marginalization, args.rag_steps)
+    for name, (marginalization, _, differs) in variants.items():
+        configs[name] = rag_config(workdir, generator, marginalization, args.rag_steps, differs)
         run_dirs[name] = workdir / "runs" / run_name(name, configs[name])
         log.info("train %s", run_dirs[name])
         train(configs[name], str(run_dirs[name]))
@@ -225,12 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "zero_shot": evaluate(model, tokenizers, workdir / "index", test, out, retrieval_only=True)
     }
-    for name, (_, mode) in variants.items():
+    for name, (_, mode, _) in variants.items():
+        index = index_for(workdir, run_dirs[name], configs[name])
         model, *tokenizers = load_trained(configs[name], str(run_dirs[name]))
         results[name] = evaluate(
-            model, tokenizers, None if name == "closed_book" else workdir / "index", test,
-            run_dirs[name] / "eval" / test.stem, decode=mode, beams=2,
-            max_length=configs[name].rag.max_target_length + 1,
+            model, tokenizers, index, test, run_dirs[name] / "eval" / test.stem,
+            decode=mode, beams=2, max_length=configs[name].rag.max_target_length + 1,
         )  # fmt: skip
         if name == "rag_sequence":
             results["hot_swap"] = hot_swap.hot_swap(

@@ -16,7 +16,9 @@ float32 rounding). Medians over interleaved repeats (``benchmarks/timing.py``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -54,7 +56,7 @@ def main() -> None:
     corpus = work / "data" / "corpus.jsonl"
     n_passages = sum(1 for _ in corpus.open())
     encoder = load_text_encoder(encoder_dir, max_length=MAX_LENGTH)
-    builds = iter(range(10**6))
+    builds = itertools.count()
 
     def index_build() -> None:
         out = work / f"index_{next(builds)}"
@@ -109,6 +111,7 @@ def main() -> None:
     print(f"largest |refresh - index build| over the vectors: {max_diff:.1e}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+    shutil.rmtree(work)  # the data and the indexes built
 
 
 if __name__ == "__main__":

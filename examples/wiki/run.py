@@ -132,17 +132,23 @@ def warmup_config_for(workdir: Path, steps: int | None, flags: Sequence[str]):
     return with_overrides(warmup_config.get_config(), values, flags)
 
 
+def exported(run: Path, config: ml_collections.ConfigDict) -> Path:
+    """``run/export``: ``rag_jax.export`` of the run's latest checkpoint, written once."""
+    from rag_jax.export import EXPORT_FILE, export
+
+    if not (run / "export" / EXPORT_FILE).exists():
+        export(run, run / "export", config=config)
+    return run / "export"
+
+
 def warmup(workdir: Path, config: ml_collections.ConfigDict) -> Path:
     """The generator warm-up trained and exported; returns the exported BART directory."""
-    from rag_jax.export import EXPORT_FILE, export
     from rag_jax.training import train
 
     run = workdir / "runs" / run_name("warmup", config)
     log.info("train %s", run)
     train(config, str(run))
-    if not (run / "export" / EXPORT_FILE).exists():
-        export(run, run / "export", config=config)
-    return run / "export" / "generator"
+    return exported(run, config) / "generator"
 
 
 def rag_config(
@@ -175,12 +181,8 @@ def index_for(workdir: Path, run_dir: Path, config: ml_collections.ConfigDict) -
         return None
     if not config.model.train_doc_encoder:
         return workdir / "index"
-    from rag_jax.export import EXPORT_FILE, export
-
-    if not (run_dir / "export" / EXPORT_FILE).exists():
-        export(run_dir, run_dir / "export", config=config)
-    corpus, doc_encoder = workdir / "data" / "corpus.jsonl", run_dir / "export" / "doc_encoder"
-    prepare.index_corpus(corpus, doc_encoder, run_dir / "index")
+    doc_encoder = exported(run_dir, config) / "doc_encoder"
+    prepare.index_corpus(workdir / "data" / "corpus.jsonl", doc_encoder, run_dir / "index")
     return run_dir / "index"
 
 

@@ -81,7 +81,7 @@ def test_demo_learns_and_rag_beats_closed_book_on_unseen_entities(demo):
     assert "Exact match (test), RAG-Sequence" in (demo / "results.md").read_text()
 
 
-def test_overrides_are_typed_checked_and_name_the_run(tmp_path):
+def test_overrides_are_typed_checked_and_name_the_run(tmp_path, capsys):
     """--warmup-config values take their field's type (as train.py's --config.KEY=VALUE); a
     misspelled key fails before anything is written; a changed setting is a new run name."""
     from examples.wiki import run
@@ -98,6 +98,10 @@ def test_overrides_are_typed_checked_and_name_the_run(tmp_path):
         run.main(["--workdir", str(tmp_path / "w"), "--warmup-config", "optimizer.lerning_rate=1"])
     with pytest.raises(ValueError, match="could not convert"):
         run.main(["--workdir", str(tmp_path / "w"), "--warmup-config", "optimizer.b2=high"])
+    with pytest.raises(SystemExit):  # argparse: usage and the error on stderr, exit status 2
+        run.main(["--workdir", str(tmp_path / "w"), "--variants", "rag_sequence,bert_d"])
+    error = capsys.readouterr().err
+    assert "--variants: unknown variant(s) bert_d: choose from rag_sequence," in error
     assert not (tmp_path / "w").exists()
 
 

@@ -210,6 +210,17 @@ def questions_file(data: Path, n_questions: int | None) -> Path:
     return path
 
 
+def _variant_names(text: str) -> list[str]:
+    """``--variants``' names, each one of VARIANTS (argparse reports any other)."""
+    names = text.split(",")
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}"
+        )
+    return names
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo", type=Path)
@@ -228,7 +239,10 @@ def _parser() -> argparse.ArgumentParser:
         "--warmup-held-out", action="store_true", help="the warm-up reads dev/test passages too"
     )
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help="comma-separated subset of " + str(VARIANTS)
+        "--variants",
+        default=",".join(VARIANTS),
+        type=_variant_names,
+        help="comma-separated subset of " + ", ".join(VARIANTS),
     )
     return parser
 
@@ -239,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     from rag_jax.training import train
 
     args = _parser().parse_args(argv)
-    variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    variants = {name: VARIANTS[name] for name in args.variants}
     workdir = args.workdir.resolve()
     warm = warmup_config_for(workdir, args.warmup_steps, args.warmup_config)  # checked first
     workdir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ runs.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import math
@@ -306,9 +307,7 @@ _DTYPE_BYTES = {
     "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1,
 }  # fmt: skip
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
-_OP = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\((.*)$"
-)
+_COLLECTIVE = re.compile(r"(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
 
 def _shape_bytes(text: str) -> int:
@@ -320,9 +319,13 @@ def _shape_bytes(text: str) -> int:
     return total
 
 
-_RS_FUSION = re.compile(
-    r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+fusion\(.*calls=%all-reduce-scatter"
-)
+_RS_FUSION = re.compile(r"calls=%(all-reduce-scatter[\w.\-]*)")
+_COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLED = re.compile(r"\b(?:calls|body|to_apply)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_WHILE = re.compile(r"\swhile\((%[\w.\-]+)\).*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_NAMED = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_OP_NAME = re.compile(r'op_name="(?:jit\([\w.]+\)/)?([^"]*)"')
 
 
 def _result_bytes(result: str, start: bool) -> int:
@@ -339,28 +342,181 @@ def _result_bytes(result: str, start: bool) -> int:
     )
 
 
-def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Every collective of a compiled (per-chip) HLO module: ``{kind: {"count", "bytes"}}``.
+def _computations(hlo_text: str) -> tuple[dict[str, dict[str, str]], str]:
+    """``({computation: {instruction: its text after '='}}, entry name)`` of an HLO module."""
+    computations: dict[str, dict[str, str]] = {}
+    entry, current = "", None
+    for line in hlo_text.splitlines():
+        if line[:1] not in ("", " ", "\t"):
+            header = _COMPUTATION.match(line)
+            current = header.group(2) if header else None
+            if header:
+                computations[current] = {}
+                entry = current if header.group(1) else entry
+        elif current is not None and (named := _NAMED.match(line)):
+            computations[current][named.group(1)] = named.group(2)
+    return computations, entry
 
-    ``bytes`` sums each op's result size per chip (an async ``-start``/``-done`` pair counts
-    once). The TPU compiler emits reduce-scatters as fusions calling an
-    ``all-reduce-scatter`` computation: those count as reduce-scatters. Ops inside a loop
-    body count once, not once per iteration (the layers are unrolled; device retrieval's
-    chunked search may loop).
+
+def _constant(body: dict[str, str], name: str, depth: int = 4) -> int | None:
+    """The integer an instruction holds, through ``copy``s."""
+    text = body.get(name.lstrip("%"), "")
+    if m := re.search(r"\bconstant\((-?\d+)\)", text):
+        return int(m.group(1))
+    if depth and (m := re.search(r"\bcopy\((%[\w.\-]+)\)", text)):
+        return _constant(body, m.group(1), depth - 1)
+    return None
+
+
+def _trip_count(comps: dict, caller: str, init: str, condition: str, body: str) -> int | None:
+    """Iterations of a counted ``while`` (``i = start; while i < limit: ...; i += step``, as
+    XLA writes its windowed-einsum loops); None when the loop is not of that form."""
+    cond, loop, outer = comps.get(condition, {}), comps.get(body, {}), comps.get(caller, {})
+    root = next((t for t in cond.values() if "compare(" in t and "direction=LT" in t), "")
+    m = re.search(r"compare\((%[\w.\-]+), (%[\w.\-]+)\)", root)
+    if not m:
+        return None
+    counter, limit = cond.get(m.group(1).lstrip("%"), ""), _constant(cond, m.group(2))
+    index = re.search(r"get-tuple-element\(.*\), index=(\d+)", counter)
+    init_tuple = re.search(r"\btuple\((.*)\)", outer.get(init.lstrip("%"), ""))
+    loop_root = next((t for t in loop.values() if re.search(r"\btuple\(", t)), "")
+    updated = re.search(r"\btuple\((.*)\)", loop_root)
+    if not (index and init_tuple and updated and limit is not None):
+        return None
+    i = int(index.group(1))
+    start = _constant(outer, init_tuple.group(1).split(", ")[i].strip())
+    step_op = loop.get(updated.group(1).split(", ")[i].strip().lstrip("%"), "")
+    add = re.search(r"\badd\((%[\w.\-]+), (%[\w.\-]+)\)", step_op)
+    step = add and (_constant(loop, add.group(2)) or _constant(loop, add.group(1)))
+    if start is None or not step or step < 0:
+        return None
+    return max(0, math.ceil((limit - start) / step))
+
+
+def _call_graph(comps: dict, entry: str) -> tuple[list[str], dict, dict, set, int]:
+    """Walks the computations from the entry, callers before callees: ``(order, times per
+    step, ring of a windowed-einsum loop body or None, computations whose collectives are
+    counted elsewhere, loops whose trip count could not be read)``.
+
+    Counted elsewhere: the body of a reduce-scatter fusion (the fusion is the reduce-scatter),
+    and the pieces of an async collective fusion (TPU v5e): an ``async-collective-start``
+    begins one collective, ``async_collective_fusion`` computations carry it on inside other
+    ops (each writes the whole result's shape but moves a part), ``async-collective-done``
+    ends it: it counts once, at its start."""
+    order, times, rings, inside_fusion, unknown = [entry], {entry: 1}, {entry: None}, set(), 0
+    for name in order:
+        for instruction, text in comps.get(name, {}).items():
+            called = _CALLED.findall(text)
+            if m := _BRANCHES.search(text):
+                called += [c.strip().lstrip("%") for c in m.group(1).split(",")]
+            loop, trips = _WHILE.search(text), 1
+            if loop:
+                counted = _trip_count(comps, name, *loop.groups())
+                unknown += counted is None
+                trips = 1 if counted is None else counted
+            for callee in called:
+                if callee in times or callee not in comps:
+                    continue
+                times[callee] = times[name] * (trips if loop and callee == loop.group(3) else 1)
+                rings[callee] = rings[name]
+                if "windowed_dot_general_body_rs" in callee:
+                    rings[callee] = "reduce-scatter"
+                elif "windowed_dot_general_body_ag" in callee:
+                    rings[callee] = "all-gather"
+                if (
+                    callee.startswith(("all-reduce-scatter", "async_collective_fusion"))
+                    or instruction.startswith("async-collective-done")
+                    or name in inside_fusion
+                ):
+                    inside_fusion.add(callee)
+                order.append(callee)
+    return order, times, rings, inside_fusion, unknown
+
+
+def collective_ops(hlo_text: str) -> list[dict]:
+    """Every collective of a compiled (per-chip) HLO module, each as ``{"kind", "bytes" (one
+    execution, per chip), "times" (executions per step), "source" (the jax op it implements,
+    from the HLO metadata), "ring"}``.
+
+    ``ring`` names the collective a ``collective-permute`` is a step of, when it runs in one of
+    XLA's windowed-einsum loops (a "collective matmul": a weight all-gather, ``"all-gather"``,
+    or a gradient reduce-scatter, ``"reduce-scatter"``, split into ring steps that overlap the
+    matmul; also a step XLA peeled out of such a loop, a permute of the same jax op), or
+    ``"collective matmul"`` for a matmul's permute outside any such loop (a ring XLA unrolled
+    whole, its direction not read); else None. An op inside a counted loop runs once per
+    iteration (``times``; a loop whose count cannot be read counts once:
+    :func:`loops_of_unknown_trip_count`); the TPU compiler's reduce-scatter fusions (calling an
+    ``all-reduce-scatter`` computation) are one reduce-scatter each, the all-reduce inside them
+    not counted again. An async ``-start``/``-done`` pair counts once.
+    """
+    comps, entry = _computations(hlo_text)
+    order, times, rings, inside_fusion, _ = _call_graph(comps, entry)
+    found = []
+    for name in order:
+        if name in inside_fusion:
+            continue
+        for text in comps[name].values():
+            if op := _COLLECTIVE.match(text):
+                kind, size = op.group(2), _result_bytes(op.group(1), bool(op.group(3)))
+            elif _RS_FUSION.search(text):
+                kind = "reduce-scatter"
+                size = _result_bytes(text.split(" fusion(")[0], False)
+            else:
+                continue
+            source = _OP_NAME.search(text)
+            ring = rings[name] if kind == "collective-permute" else None
+            found.append({
+                "kind": kind, "bytes": size, "times": times[name],
+                "source": source.group(1) if source else "", "ring": ring,
+            })  # fmt: skip
+    # XLA peels a ring's first or last step out of its loop: a permute of the same jax op.
+    ring_of = collections.defaultdict(set)
+    for op in found:
+        if op["ring"]:
+            ring_of[op["source"]].add(op["ring"])
+    for op in found:
+        if op["kind"] == "collective-permute" and not op["ring"]:
+            rings_of_source = ring_of.get(op["source"], set())
+            if len(rings_of_source) == 1:
+                op["ring"] = next(iter(rings_of_source))
+            elif op["source"].endswith("dot_general"):  # a ring XLA unrolled whole
+                op["ring"] = "collective matmul"
+    return found
+
+
+def loops_of_unknown_trip_count(hlo_text: str) -> int:
+    """How many ``while`` loops :func:`collective_ops` counted once for want of a trip count."""
+    comps, entry = _computations(hlo_text)
+    return _call_graph(comps, entry)[4]
+
+
+def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
+    """Every collective of a compiled (per-chip) HLO module by kind, per step:
+    ``{kind: {"count": executions, "bytes": bytes moved per chip}}`` (:func:`collective_ops`).
+
+    A ``collective-permute`` that is a step of a windowed-einsum ring counts under its kind,
+    as it is also listed by :func:`collective_sources`.
     """
     found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-    for line in hlo_text.splitlines():
-        match = _OP.match(line)
-        if match:
-            result, kind, start, _ = match.groups()
-            size = _result_bytes(result, bool(start))
-        elif fused := _RS_FUSION.match(line):
-            kind, size = "reduce-scatter", _result_bytes(fused.group(1), False)
-        else:
-            continue
-        found[kind]["count"] += 1
-        found[kind]["bytes"] += size
+    for op in collective_ops(hlo_text):
+        if op["kind"] in found:
+            found[op["kind"]]["count"] += op["times"]
+            found[op["kind"]]["bytes"] += op["times"] * op["bytes"]
     return found
+
+
+def collective_sources(hlo_text: str) -> list[dict]:
+    """The collectives grouped by what they implement: ``[{"kind", "ring", "source", "count",
+    "bytes"}]`` per step and chip, largest first; ``source`` is the jax op (e.g.
+    ``transpose(jvp())/dot_general``: a matmul of the backward pass)."""
+    groups: dict[tuple, dict] = {}
+    for op in collective_ops(hlo_text):
+        key = (op["kind"], op["ring"], op["source"])
+        group = groups.setdefault(key, {"kind": key[0], "ring": key[1], "source": key[2],
+                                        "count": 0, "bytes": 0})  # fmt: skip
+        group["count"] += op["times"]
+        group["bytes"] += op["times"] * op["bytes"]
+    return sorted(groups.values(), key=lambda g: -g["bytes"])
 
 
 def _bytes_of(tree) -> int:
@@ -490,7 +646,6 @@ def compile_step(
     hlo = compiled.as_text()
     if hlo_file:
         Path(hlo_file).write_text(hlo)
-    found = collectives(hlo)
     per_chip = {
         "parameters": params,
         "optimizer_state": opt,
@@ -511,8 +666,27 @@ def compile_step(
         + per_chip["temporaries"]
         + per_chip["generated_code"]
     )
-    xla_flops = float(cost.get("flops", 0.0))  # per chip
-    hbm_bytes = float(cost.get("bytes accessed", 0.0))  # per chip
+    return report | {
+        "per_chip_bytes": per_chip,
+        "per_chip_peak_bytes": peak,
+        "hbm_bytes": hbm,
+        "fits": peak <= hbm,
+        **step_figures(
+            hlo, chip, float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+            model_flops, n_chips,
+        ),
+    }  # fmt: skip
+
+
+def step_figures(
+    hlo: str, chip: Chip, xla_flops: float, hbm_bytes: float, model_flops: float, n_chips: int
+) -> dict:
+    """The compiled step's collectives (:func:`collectives`, :func:`collective_sources`) and
+    its roofline: ``max(xla_flops / bf16 peak, hbm_bytes / HBM bandwidth, collective bytes /
+    ICI bandwidth)`` seconds, all per chip, and the MFU that bound would allow
+    (``model_flops / (n_chips x peak x bound)``). A lower bound on the step time, not a
+    measurement."""
+    found = collectives(hlo)
     collective_bytes = sum(v["bytes"] for v in found.values())
     terms = {
         "compute": xla_flops / (chip.bf16_tflops * 1e12),
@@ -520,14 +694,12 @@ def compile_step(
         "collectives": collective_bytes / (chip.ici_gbytes_per_s * 1e9),
     }
     bound = max(terms.values())
-    return report | {
-        "per_chip_bytes": per_chip,
-        "per_chip_peak_bytes": peak,
-        "hbm_bytes": hbm,
-        "fits": peak <= hbm,
+    return {
         "xla_flops_per_chip": xla_flops,
         "xla_bytes_accessed_per_chip": hbm_bytes,
         "collectives": found,
+        "collective_sources": collective_sources(hlo),
+        "loops_of_unknown_trip_count": loops_of_unknown_trip_count(hlo),
         "collective_bytes_per_chip": collective_bytes,
         "roofline_seconds": terms,
         "step_time_lower_bound_s": bound,
@@ -549,6 +721,9 @@ def _libtpu_version() -> str | None:
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.3f} GiB" if n >= 2**28 else f"{n / 2**20:.3f} MiB"
+
+
+_SOURCES_SHOWN = 12
 
 
 def format_report(report: dict) -> str:
@@ -587,6 +762,18 @@ def format_report(report: dict) -> str:
     lines.append("collectives per step (per chip):")
     for kind, value in report["collectives"].items():
         lines.append(f"  {kind:<19} {value['count']:>5}  {value['bytes'] / 2**20:10.2f} MiB")
+    lines.append("  by the jax op each implements (ring: a step of a collective matmul):")
+    for group in report["collective_sources"][:_SOURCES_SHOWN]:
+        kind = group["kind"] + (f" ({group['ring']} ring)" if group["ring"] else "")
+        lines.append(
+            f"    {kind:<38} {group['count']:>5}  {group['bytes'] / 2**20:10.2f} MiB  "
+            f"{group['source'] or '(no jax op named)'}"
+        )
+    if report["loops_of_unknown_trip_count"]:
+        lines.append(
+            f"  ({report['loops_of_unknown_trip_count']} loops of unknown trip count: their "
+            "collectives counted once, an undercount)"
+        )
     terms = report["roofline_seconds"]
     lines.append(
         "roofline LOWER BOUND on the step time (not a measurement): "

@@ -133,7 +133,7 @@ def test_tpu_lowers_small_or_multi_ring_reduce_scatters_as_all_reduces(libtpu):
     the TPU compiler itself lowers a bare ``psum_scatter`` over all the chips as a
     reduce-scatter on 4 chips (one ring) from 64 KiB up, as an all-reduce below that, and as
     an all-reduce at any size on a slice whose chips span more than one ring (v5p:2x2x2 and
-    up, v5e:4x4); on v5p:4x4x8 (128 chips) an ``all_gather`` too."""
+    up, v5e:4x4); on v5p:4x4x4 and v5p:4x4x8 (64 and 128 chips) an ``all_gather`` too."""
     from jax.sharding import AxisType, PartitionSpec
 
     def kinds(topology, collective, rows_per_chip=256, cols=1024):
@@ -163,6 +163,7 @@ def test_tpu_lowers_small_or_multi_ring_reduce_scatters_as_all_reduces(libtpu):
     assert kinds("v5p:4x4x2", "psum_scatter") == {"all-reduce"}
     assert kinds("v5e:4x4", "psum_scatter") == {"all-reduce"}
     assert kinds("v5p:4x4x2", "all_gather") == {"all-gather"}
+    assert kinds("v5p:4x4x4", "all_gather") == {"all-reduce"}
     assert kinds("v5p:4x4x8", "all_gather") == {"all-reduce"}
 
 

@@ -18,10 +18,12 @@ The report, per step and per chip (the SPMD program each chip runs):
   step's arguments, by kind), temporaries, against the chip's HBM;
 - FLOPs: model FLOPs as ``benchmarks/gpu_train.py`` counts them (6 x multiply-adds of every
   weight matrix per token, attention's two products), and XLA's ``cost_analysis`` count;
-- every collective in the compiled HLO, by kind, with its bytes;
+- every collective in the compiled HLO, per step (an op in one of XLA's loops once per
+  trip), by kind and by the jax op it implements (:func:`collective_sources`), with bytes;
 - a roofline **lower bound** on the step time: max(XLA FLOPs / bf16 peak, XLA's HBM bytes /
   HBM bandwidth, collective bytes / ICI bandwidth), and the MFU it would allow. A bound, not a
-  measurement: nothing runs.
+  measurement: nothing runs. (XLA's cost analysis counts a loop body once, so in a step with
+  windowed-einsum loops its FLOPs and bytes are low: the bound stays a lower bound.)
 
 ``import rag_jax`` does not need libtpu; this module needs it only when :func:`compile_step`
 runs.
@@ -310,15 +312,6 @@ _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COLLECTIVE = re.compile(r"(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
 
-def _shape_bytes(text: str) -> int:
-    """Bytes of every array shape written in ``text`` (an HLO result type, maybe a tuple)."""
-    total = 0
-    for dtype, dims in _SHAPE.findall(text):
-        if dtype in _DTYPE_BYTES:
-            total += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-    return total
-
-
 _RS_FUSION = re.compile(r"calls=%(all-reduce-scatter[\w.\-]*)")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _CALLED = re.compile(r"\b(?:calls|body|to_apply)=%([\w.\-]+)")
@@ -492,25 +485,29 @@ def loops_of_unknown_trip_count(hlo_text: str) -> int:
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """Every collective of a compiled (per-chip) HLO module by kind, per step:
-    ``{kind: {"count": executions, "bytes": bytes moved per chip}}`` (:func:`collective_ops`).
-
-    A ``collective-permute`` that is a step of a windowed-einsum ring counts under its kind,
-    as it is also listed by :func:`collective_sources`.
-    """
-    found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
-    for op in collective_ops(hlo_text):
-        if op["kind"] in found:
-            found[op["kind"]]["count"] += op["times"]
-            found[op["kind"]]["bytes"] += op["times"] * op["bytes"]
-    return found
+    ``{kind: {"count": executions, "bytes": bytes moved per chip}}`` (:func:`collective_ops`;
+    a ``collective-permute`` that is a step of a windowed-einsum ring counts under its kind)."""
+    return _by_kind(collective_ops(hlo_text))
 
 
 def collective_sources(hlo_text: str) -> list[dict]:
     """The collectives grouped by what they implement: ``[{"kind", "ring", "source", "count",
     "bytes"}]`` per step and chip, largest first; ``source`` is the jax op (e.g.
     ``transpose(jvp())/dot_general``: a matmul of the backward pass)."""
+    return _by_source(collective_ops(hlo_text))
+
+
+def _by_kind(ops: list[dict]) -> dict[str, dict[str, int]]:
+    found = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    for op in ops:
+        found[op["kind"]]["count"] += op["times"]
+        found[op["kind"]]["bytes"] += op["times"] * op["bytes"]
+    return found
+
+
+def _by_source(ops: list[dict]) -> list[dict]:
     groups: dict[tuple, dict] = {}
-    for op in collective_ops(hlo_text):
+    for op in ops:
         key = (op["kind"], op["ring"], op["source"])
         group = groups.setdefault(key, {"kind": key[0], "ring": key[1], "source": key[2],
                                         "count": 0, "bytes": 0})  # fmt: skip
@@ -686,7 +683,8 @@ def step_figures(
     ICI bandwidth)`` seconds, all per chip, and the MFU that bound would allow
     (``model_flops / (n_chips x peak x bound)``). A lower bound on the step time, not a
     measurement."""
-    found = collectives(hlo)
+    ops = collective_ops(hlo)
+    found = _by_kind(ops)
     collective_bytes = sum(v["bytes"] for v in found.values())
     terms = {
         "compute": xla_flops / (chip.bf16_tflops * 1e12),
@@ -698,7 +696,7 @@ def step_figures(
         "xla_flops_per_chip": xla_flops,
         "xla_bytes_accessed_per_chip": hbm_bytes,
         "collectives": found,
-        "collective_sources": collective_sources(hlo),
+        "collective_sources": _by_source(ops),
         "loops_of_unknown_trip_count": loops_of_unknown_trip_count(hlo),
         "collective_bytes_per_chip": collective_bytes,
         "roofline_seconds": terms,

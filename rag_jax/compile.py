@@ -319,25 +319,36 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 _WHILE = re.compile(r"\swhile\((%[\w.\-]+)\).*condition=%([\w.\-]+), body=%([\w.\-]+)")
 _NAMED = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _OP_NAME = re.compile(r'op_name="(?:jit\([\w.]+\)/)?([^"]*)"')
+_INDEX_COMMENT = re.compile(r"/\*index=\d+\*/")
 
 
-def _result_bytes(result: str, start: bool) -> int:
-    """Bytes of an op's result type; for an async ``-start`` op, whose result is the tuple
-    (operands..., outputs...[, u32[] sync flags of a collective-permute]), the output half."""
+def _result_bytes(result: str, kind: str, start: bool) -> int:
+    """Bytes of an op's result type. An async ``-start`` of an all-gather or a permute returns
+    the tuple (operands..., outputs...[, u32[] sync flags]): its output half counts; an
+    ``all-reduce-start`` returns its outputs alone."""
     shapes = _SHAPE.findall(result)
-    if start:
+    if start and kind != "all-reduce":
         shapes = [(dtype, dims) for dtype, dims in shapes if (dtype, dims) != ("u32", "")]
-    if start and len(shapes) > 1:
-        shapes = shapes[len(shapes) // 2 :]
+        shapes = shapes[len(shapes) // 2 :] if len(shapes) > 1 else shapes
     return sum(
         _DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
         for dtype, dims in shapes
     )
 
 
-def _computations(hlo_text: str) -> tuple[dict[str, dict[str, str]], str]:
-    """``({computation: {instruction: its text after '='}}, entry name)`` of an HLO module."""
+@dataclasses.dataclass
+class _Module:
+    """An HLO module's text by computation: ``{computation: {instruction: text after '='}}``,
+    each computation's ROOT instruction, and the entry computation's name."""
+
+    computations: dict[str, dict[str, str]]
+    roots: dict[str, str]
+    entry: str
+
+
+def _parse(hlo_text: str) -> _Module:
     computations: dict[str, dict[str, str]] = {}
+    roots: dict[str, str] = {}
     entry, current = "", None
     for line in hlo_text.splitlines():
         if line[:1] not in ("", " ", "\t"):
@@ -348,118 +359,149 @@ def _computations(hlo_text: str) -> tuple[dict[str, dict[str, str]], str]:
                 entry = current if header.group(1) else entry
         elif current is not None and (named := _NAMED.match(line)):
             computations[current][named.group(1)] = named.group(2)
-    return computations, entry
+            if line.lstrip().startswith("ROOT "):
+                roots[current] = named.group(1)
+    return _Module(computations, roots, entry)
+
+
+def _operands(text: str, op: str) -> list[str]:
+    """The operand names of the first ``op(...)`` in an instruction's text."""
+    m = re.search(rf"\b{op}\((.*?)\)(?:,|$)", _INDEX_COMMENT.sub("", text))
+    return re.findall(r"%[\w.\-]+", m.group(1)) if m else []
 
 
 def _constant(body: dict[str, str], name: str, depth: int = 4) -> int | None:
     """The integer an instruction holds, through ``copy``s."""
     text = body.get(name.lstrip("%"), "")
-    if m := re.search(r"\bconstant\((-?\d+)\)", text):
+    if m := re.match(r"\S+ constant\((-?\d+)\)", text):
         return int(m.group(1))
-    if depth and (m := re.search(r"\bcopy\((%[\w.\-]+)\)", text)):
+    if depth and (m := re.match(r"\S+ copy\((%[\w.\-]+)\)", text)):
         return _constant(body, m.group(1), depth - 1)
     return None
 
 
-def _trip_count(comps: dict, caller: str, init: str, condition: str, body: str) -> int | None:
+def _trip_count(module: _Module, caller: str, init: str, condition: str, body: str) -> int | None:
     """Iterations of a counted ``while`` (``i = start; while i < limit: ...; i += step``, as
-    XLA writes its windowed-einsum loops); None when the loop is not of that form."""
+    XLA writes its windowed-einsum loops), read from the condition's and the body's ROOTs and
+    the initial tuple; None when the loop is not of that form."""
+    comps = module.computations
     cond, loop, outer = comps.get(condition, {}), comps.get(body, {}), comps.get(caller, {})
-    root = next((t for t in cond.values() if "compare(" in t and "direction=LT" in t), "")
-    m = re.search(r"compare\((%[\w.\-]+), (%[\w.\-]+)\)", root)
-    if not m:
+    test = cond.get(module.roots.get(condition, ""), "")
+    compared = _operands(test, "compare")
+    if "direction=LT" not in test or len(compared) != 2:
         return None
-    counter, limit = cond.get(m.group(1).lstrip("%"), ""), _constant(cond, m.group(2))
-    index = re.search(r"get-tuple-element\(.*\), index=(\d+)", counter)
-    init_tuple = re.search(r"\btuple\((.*)\)", outer.get(init.lstrip("%"), ""))
-    loop_root = next((t for t in loop.values() if re.search(r"\btuple\(", t)), "")
-    updated = re.search(r"\btuple\((.*)\)", loop_root)
-    if not (index and init_tuple and updated and limit is not None):
+    counter, limit = cond.get(compared[0].lstrip("%"), ""), _constant(cond, compared[1])
+    index = re.search(r"get-tuple-element\(%[\w.\-]+\), index=(\d+)", counter)
+    initial = _operands(outer.get(init.lstrip("%"), ""), "tuple")
+    updated = _operands(loop.get(module.roots.get(body, ""), ""), "tuple")
+    if limit is None or not index or int(index.group(1)) >= min(len(initial), len(updated)):
         return None
     i = int(index.group(1))
-    start = _constant(outer, init_tuple.group(1).split(", ")[i].strip())
-    step_op = loop.get(updated.group(1).split(", ")[i].strip().lstrip("%"), "")
-    add = re.search(r"\badd\((%[\w.\-]+), (%[\w.\-]+)\)", step_op)
-    step = add and (_constant(loop, add.group(2)) or _constant(loop, add.group(1)))
-    if start is None or not step or step < 0:
+    start = _constant(outer, initial[i])
+    added = _operands(loop.get(updated[i].lstrip("%"), ""), "add")
+    steps = [_constant(loop, name) for name in added]
+    step = next((value for value in steps if value), None)
+    if start is None or step is None or step < 0 or len(added) != 2:
         return None
     return max(0, math.ceil((limit - start) / step))
 
 
-def _call_graph(comps: dict, entry: str) -> tuple[list[str], dict, dict, set, int]:
-    """Walks the computations from the entry, callers before callees: ``(order, times per
-    step, ring of a windowed-einsum loop body or None, computations whose collectives are
-    counted elsewhere, loops whose trip count could not be read)``.
+@dataclasses.dataclass
+class _Walk:
+    """Per reachable computation: how many times it runs per step (``times``), the
+    windowed-einsum ring it is a body of (``rings``), whether its collectives are counted
+    elsewhere (``elsewhere``); and the loops whose trip count could not be read."""
+
+    times: dict[str, int]
+    rings: dict[str, str | None]
+    elsewhere: set[str]
+    unknown_loops: int
+
+
+def _walk(module: _Module) -> _Walk:
+    """Runs per step of every computation: the entry once; a callee as often as all its call
+    sites together, a loop body times the loop's trip count (a loop whose count cannot be read:
+    once, and counted in ``unknown_loops``).
 
     Counted elsewhere: the body of a reduce-scatter fusion (the fusion is the reduce-scatter),
     and the pieces of an async collective fusion (TPU v5e): an ``async-collective-start``
     begins one collective, ``async_collective_fusion`` computations carry it on inside other
     ops (each writes the whole result's shape but moves a part), ``async-collective-done``
     ends it: it counts once, at its start."""
-    order, times, rings, inside_fusion, unknown = [entry], {entry: 1}, {entry: None}, set(), 0
-    for name in order:
-        for instruction, text in comps.get(name, {}).items():
+    calls: dict[str, list[tuple[str, int, str]]] = collections.defaultdict(list)
+    loops: dict[str, list[int | None]] = collections.defaultdict(list)
+    for name, body in module.computations.items():
+        for instruction, text in body.items():
             called = _CALLED.findall(text)
             if m := _BRANCHES.search(text):
                 called += [c.strip().lstrip("%") for c in m.group(1).split(",")]
-            loop, trips = _WHILE.search(text), 1
+            loop, trips = _WHILE.search(text), None
             if loop:
-                counted = _trip_count(comps, name, *loop.groups())
-                unknown += counted is None
-                trips = 1 if counted is None else counted
+                trips = _trip_count(module, name, *loop.groups())
+            if loop or re.search(r"\swhile\(", text):
+                loops[name].append(trips)
             for callee in called:
-                if callee in times or callee not in comps:
-                    continue
-                times[callee] = times[name] * (trips if loop and callee == loop.group(3) else 1)
-                rings[callee] = rings[name]
-                if "windowed_dot_general_body_rs" in callee:
-                    rings[callee] = "reduce-scatter"
-                elif "windowed_dot_general_body_ag" in callee:
-                    rings[callee] = "all-gather"
-                if (
-                    callee.startswith(("all-reduce-scatter", "async_collective_fusion"))
-                    or instruction.startswith("async-collective-done")
-                    or name in inside_fusion
-                ):
-                    inside_fusion.add(callee)
-                order.append(callee)
-    return order, times, rings, inside_fusion, unknown
+                factor = (trips or 1) if loop and callee == loop.group(3) else 1
+                calls[callee].append((name, factor, instruction))
+
+    times: dict[str, int] = {}
+
+    def runs(name: str) -> int:
+        if name not in times:
+            times[name] = 0  # a cycle (none in HLO) contributes nothing
+            own = 1 if name == module.entry else 0
+            times[name] = own + sum(runs(c) * f for c, f, _ in calls.get(name, []))
+        return times[name]
+
+    reached = [name for name in module.computations if runs(name)]
+    rings: dict[str, str | None] = {}
+    elsewhere: set[str] = set()
+
+    def classify(name: str) -> None:
+        if name in rings:
+            return
+        rings[name] = None
+        for caller, _, instruction in calls.get(name, []):
+            classify(caller)
+            rings[name] = rings[name] or rings[caller]
+            if (
+                name.startswith(("all-reduce-scatter", "async_collective_fusion"))
+                or instruction.startswith("async-collective-done")
+                or caller in elsewhere
+            ):
+                elsewhere.add(name)
+        if "windowed_dot_general_body_rs" in name:
+            rings[name] = "reduce-scatter"
+        elif "windowed_dot_general_body_ag" in name:
+            rings[name] = "all-gather"
+
+    for name in reached:
+        classify(name)
+    unknown = sum(trips is None for name in reached for trips in loops.get(name, []))
+    return _Walk({n: times[n] for n in reached}, rings, elsewhere, unknown)
 
 
-def collective_ops(hlo_text: str) -> list[dict]:
-    """Every collective of a compiled (per-chip) HLO module, each as ``{"kind", "bytes" (one
-    execution, per chip), "times" (executions per step), "source" (the jax op it implements,
-    from the HLO metadata), "ring"}``.
-
-    ``ring`` names the collective a ``collective-permute`` is a step of, when it runs in one of
-    XLA's windowed-einsum loops (a "collective matmul": a weight all-gather, ``"all-gather"``,
-    or a gradient reduce-scatter, ``"reduce-scatter"``, split into ring steps that overlap the
-    matmul; also a step XLA peeled out of such a loop, a permute of the same jax op), or
-    ``"collective matmul"`` for a matmul's permute outside any such loop (a ring XLA unrolled
-    whole, its direction not read); else None. An op inside a counted loop runs once per
-    iteration (``times``; a loop whose count cannot be read counts once:
-    :func:`loops_of_unknown_trip_count`); the TPU compiler's reduce-scatter fusions (calling an
-    ``all-reduce-scatter`` computation) are one reduce-scatter each, the all-reduce inside them
-    not counted again. An async ``-start``/``-done`` pair counts once.
-    """
-    comps, entry = _computations(hlo_text)
-    order, times, rings, inside_fusion, _ = _call_graph(comps, entry)
+def _analyse(hlo_text: str) -> tuple[list[dict], int]:
+    """:func:`collective_ops` and :func:`loops_of_unknown_trip_count` from one parse."""
+    module = _parse(hlo_text)
+    walk = _walk(module)
     found = []
-    for name in order:
-        if name in inside_fusion:
+    for name, runs in walk.times.items():
+        if name in walk.elsewhere:
             continue
-        for text in comps[name].values():
+        for text in module.computations[name].values():
             if op := _COLLECTIVE.match(text):
-                kind, size = op.group(2), _result_bytes(op.group(1), bool(op.group(3)))
+                kind = op.group(2)
+                size = _result_bytes(op.group(1), kind, bool(op.group(3)))
             elif _RS_FUSION.search(text):
                 kind = "reduce-scatter"
-                size = _result_bytes(text.split(" fusion(")[0], False)
+                size = _result_bytes(text.split(" fusion(")[0], kind, False)
             else:
                 continue
             source = _OP_NAME.search(text)
-            ring = rings[name] if kind == "collective-permute" else None
+            ring = walk.rings[name] if kind == "collective-permute" else None
             found.append({
-                "kind": kind, "bytes": size, "times": times[name],
+                "kind": kind, "bytes": size, "times": runs,
                 "source": source.group(1) if source else "", "ring": ring,
             })  # fmt: skip
     # XLA peels a ring's first or last step out of its loop: a permute of the same jax op.
@@ -474,13 +516,36 @@ def collective_ops(hlo_text: str) -> list[dict]:
                 op["ring"] = next(iter(rings_of_source))
             elif op["source"].endswith("dot_general"):  # a ring XLA unrolled whole
                 op["ring"] = "collective matmul"
-    return found
+    return found, walk.unknown_loops
+
+
+def collective_ops(hlo_text: str) -> list[dict]:
+    """Every collective of a compiled (per-chip) HLO module, each as ``{"kind", "bytes" (one
+    execution, per chip), "times" (executions per step), "source" (the jax op it implements,
+    from the HLO metadata), "ring"}``.
+
+    ``bytes`` is the op's result per chip: an all-gather's or all-reduce's whole array, a
+    reduce-scatter's shard, a permute's block. It is not the traffic on the links (a ring
+    all-reduce sends about twice its array, a reduce-scatter about its whole input): the
+    ICI term built on it is a lower bound.
+
+    ``ring`` names the collective a ``collective-permute`` is a step of, when it runs in one of
+    XLA's windowed-einsum loops (a "collective matmul": a weight all-gather, ``"all-gather"``,
+    or a gradient reduce-scatter, ``"reduce-scatter"``, split into ring steps that overlap the
+    matmul; also a step XLA peeled out of such a loop, a permute of the same jax op), or
+    ``"collective matmul"`` for a matmul's permute outside any such loop (a ring XLA unrolled
+    whole, its direction not read); else None. An op inside a counted loop runs once per
+    iteration (``times``; a loop whose count cannot be read counts once:
+    :func:`loops_of_unknown_trip_count`); the TPU compiler's reduce-scatter fusions (calling an
+    ``all-reduce-scatter`` computation) are one reduce-scatter each, the all-reduce inside them
+    not counted again. An async ``-start``/``-done`` pair counts once.
+    """
+    return _analyse(hlo_text)[0]
 
 
 def loops_of_unknown_trip_count(hlo_text: str) -> int:
     """How many ``while`` loops :func:`collective_ops` counted once for want of a trip count."""
-    comps, entry = _computations(hlo_text)
-    return _call_graph(comps, entry)[4]
+    return _analyse(hlo_text)[1]
 
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
@@ -513,7 +578,9 @@ def _by_source(ops: list[dict]) -> list[dict]:
                                         "count": 0, "bytes": 0})  # fmt: skip
         group["count"] += op["times"]
         group["bytes"] += op["times"] * op["bytes"]
-    return sorted(groups.values(), key=lambda g: -g["bytes"])
+    return sorted(
+        groups.values(), key=lambda g: (-g["bytes"], g["kind"], g["ring"] or "", g["source"])
+    )
 
 
 def _bytes_of(tree) -> int:
@@ -683,7 +750,7 @@ def step_figures(
     ICI bandwidth)`` seconds, all per chip, and the MFU that bound would allow
     (``model_flops / (n_chips x peak x bound)``). A lower bound on the step time, not a
     measurement."""
-    ops = collective_ops(hlo)
+    ops, unknown_loops = _analyse(hlo)
     found = _by_kind(ops)
     collective_bytes = sum(v["bytes"] for v in found.values())
     terms = {
@@ -697,7 +764,7 @@ def step_figures(
         "xla_bytes_accessed_per_chip": hbm_bytes,
         "collectives": found,
         "collective_sources": _by_source(ops),
-        "loops_of_unknown_trip_count": loops_of_unknown_trip_count(hlo),
+        "loops_of_unknown_trip_count": unknown_loops,
         "collective_bytes_per_chip": collective_bytes,
         "roofline_seconds": terms,
         "step_time_lower_bound_s": bound,

@@ -355,7 +355,7 @@ def test_import_rag_jax_needs_no_libtpu():
 
 
 def test_out_of_hbm_reads_xla_refusal():
-    # XLA's words for the paper config on v5e:2x4 without remat; 17.13 GiB = 17.13 * 2**30 B
+    # XLA's words for the paper config on v5e:2x4 without remat, before constrain_rows
     message = (
         "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
         "temporaries (17.13G) exceeds available HBM (15.75G)."

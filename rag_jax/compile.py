@@ -310,9 +310,9 @@ _DTYPE_BYTES = {
 }  # fmt: skip
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _COLLECTIVE = re.compile(r"(.+?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
-
-
-_RS_FUSION = re.compile(r"calls=%(all-reduce-scatter[\w.\-]*)")
+# The TPU compiler's reduce-scatter: a fusion calling a computation named so.
+_RS_FUSION_BODY = "all-reduce-scatter"
+_RS_FUSION = re.compile(rf"calls=%{_RS_FUSION_BODY}")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
 _CALLED = re.compile(r"\b(?:calls|body|to_apply)=%([\w.\-]+)")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
@@ -465,7 +465,7 @@ def _walk(module: _Module) -> _Walk:
             classify(caller)
             rings[name] = rings[name] or rings[caller]
             if (
-                name.startswith(("all-reduce-scatter", "async_collective_fusion"))
+                name.startswith((_RS_FUSION_BODY, "async_collective_fusion"))
                 or instruction.startswith("async-collective-done")
                 or caller in elsewhere
             ):
@@ -550,8 +550,9 @@ def loops_of_unknown_trip_count(hlo_text: str) -> int:
 
 def collectives(hlo_text: str) -> dict[str, dict[str, int]]:
     """Every collective of a compiled (per-chip) HLO module by kind, per step:
-    ``{kind: {"count": executions, "bytes": bytes moved per chip}}`` (:func:`collective_ops`;
-    a ``collective-permute`` that is a step of a windowed-einsum ring counts under its kind)."""
+    ``{kind: {"count": executions, "bytes": their results' bytes per chip}}``
+    (:func:`collective_ops`; a ``collective-permute`` that is a step of a windowed-einsum ring
+    counts under its kind)."""
     return _by_kind(collective_ops(hlo_text))
 
 

@@ -858,7 +858,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="configs/X.py")
     parser.add_argument("--topology", required=True, help="e.g. v5p:4x4x4, v5e:2x4")
-    parser.add_argument("--retrieval", default="", help="host, device or both (default: config)")
+    parser.add_argument(
+        "--retrieval", choices=("host", "device", "both"), help="default: the config's"
+    )
     parser.add_argument("--passages", type=int, default=21_015_300, help="N of a device index")
     parser.add_argument("--json", help="also write the report(s) here")
     parser.add_argument("--hlo", help="write the compiled HLO here (RETRIEVAL is appended)")

@@ -330,7 +330,7 @@ def test_collectives_parser_counts_hand_written_hlo():
     assert rag_compile.loops_of_unknown_trip_count(other_test) == 1
 
 
-def test_bad_inputs_are_named():
+def test_bad_inputs_are_named(capsys):
     with pytest.raises(ValueError, match="--topology 'v9x:2x2'"):
         rag_compile.chip_of("v9x:2x2")
     config = _config()
@@ -343,6 +343,12 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="batch_size 6 must be a multiple of the mesh's 4 devices"):
         make_mesh(mesh_config, devices)
     assert partitioning.MESH_AXES == ("data", "fsdp")
+    # the command's --retrieval: refused before anything compiles, naming the three choices
+    with pytest.raises(SystemExit):
+        rag_compile.main(["--config", tiny.__file__, "--topology", TOPOLOGY, "--retrieval", "x"])
+    error = capsys.readouterr().err
+    assert "--retrieval: invalid choice: 'x'" in error
+    assert all(choice in error for choice in ("host", "device", "both"))
 
 
 def test_import_rag_jax_needs_no_libtpu():

@@ -29,7 +29,13 @@ from orbax.checkpoint._src.path import atomicity
 from rag_jax import checkpoints
 from rag_jax.checkpoints import DamagedCheckpointError, WorkdirError, load_trained, tree_mismatch
 from rag_jax.training import Preempted, StoppedError, train
-from tests.toy import DECAY_STEPS, directory_hash, final_state, read_metrics, tiny_config
+from tests.toy import (
+    DECAY_STEPS,
+    directory_hash,
+    final_state,
+    read_metrics,
+    tiny_config,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3  # checkpoints at 3, 6, 9, 12 (two kept)
@@ -37,6 +43,9 @@ OVERRIDES = {
     "train_steps": STEPS, "checkpoint.every": EVERY, "log_every": 1, "rag.n_docs": 4,
     "optimizer.decay_steps": DECAY_STEPS,  # train.py as tiny_config
     "model.dropout": 0.1, "model.attention_dropout": 0.1,  # its RNG streams restored too
+    # One device in train.py's process too (tiny_config's default; configs/tiny.py takes all
+    # of them): the straight run's program, the same arithmetic bit for bit.
+    "mesh.fsdp": 1,
 }  # fmt: skip
 
 

@@ -16,12 +16,12 @@ from rag_jax.host_retrieval import BatchBuilder
 from rag_jax.index import KnowledgeSource, build_index, load_text_encoder
 from rag_jax.sharding import make_mesh
 from rag_jax.training import train
-from tests.toy import read_metrics, tiny_config
+from tests.toy import ON_MESH, read_metrics, tiny_config
 
 
 @pytest.fixture(scope="module")
 def world(toy):
-    config = tiny_config(toy, **{"rag.n_docs": 4})
+    config = tiny_config(toy, **{"rag.n_docs": 4}, **ON_MESH)  # the index's rows split
     return config, *build_model(config)
 
 
@@ -73,8 +73,8 @@ def test_device_batch_equals_host_batch(world, context_length):
 
 
 def test_device_retrieval_trains_as_host_retrieval(toy, tmp_path):
-    """Same losses step by step (1e-5), and the loss falls."""
-    common = {"train_steps": 10, "log_every": 1, "rag.n_docs": 4}
+    """Same losses step by step (1e-5) on the same mesh, and the loss falls."""
+    common = {"train_steps": 10, "log_every": 1, "rag.n_docs": 4, **ON_MESH}
     train(tiny_config(toy, **common), str(tmp_path / "host"))
     train(tiny_config(toy, **common, **{"data.retrieval": "device"}), str(tmp_path / "device"))
     host, device = read_metrics(tmp_path / "host"), read_metrics(tmp_path / "device")

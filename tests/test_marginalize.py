@@ -334,7 +334,6 @@ def test_document_order_is_irrelevant(batch, random, epsilon):
         )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
 @functools.partial(jax.jit, static_argnums=(0, 1))  # one compile per shape, not op by op
 def loss_and_grad(fn, epsilon, logits, doc_scores, targets, mask):
     def loss(lg, sc):

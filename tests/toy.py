@@ -94,9 +94,9 @@ def tiny_config(toy, **overrides):
     config.data.train = str(toy / "qa.jsonl")
     config.rag.n_docs = N_FACTS  # every passage is a candidate; p(z|x) decides
     # One device, as on a user's CPU: what a test checks does not depend on the mesh unless it
-    # says so (ON_MESH below, and every device-retrieval run: the index's rows split over the
-    # devices). Conftest's four simulated devices on a 2-core machine make each run slower,
-    # compiling and stepping, for nothing the other tests look at.
+    # says so by passing ON_MESH (below; every device-retrieval run does: the index's rows
+    # split over the devices). Conftest's four simulated devices on a 2-core machine make each
+    # run slower, compiling and stepping, for nothing the other tests look at.
     config.mesh.fsdp = 1
     for key, value in overrides.items():
         node = config
@@ -115,9 +115,9 @@ ON_MESH = {"mesh.fsdp": 4}
 
 def one_device_env(**extra: str) -> dict[str, str]:
     """The environment of a ``train.py``/``eval.py``/README subprocess: one CPU device, as a
-    user's machine; ``extra`` variables added. Its sums may round differently in the last
-    bits from a run on one of this process's four devices (XLA shares the CPU's threads among
-    the devices), so a test that compares with an in-process run bit for bit keeps the
+    user's machine; ``extra`` variables added. Such a process's sums may round differently in
+    the last bits from a run on one of this process's four devices (seen in Adam's moments
+    after a few steps), so a test that compares with an in-process run bit for bit keeps the
     suite's environment and sets ``mesh.fsdp`` instead."""
     count = r"--xla_force_host_platform_device_count=\d+"
     flags = re.sub(count, "", os.environ.get("XLA_FLAGS", ""))

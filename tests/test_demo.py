@@ -24,7 +24,7 @@ def demo(tmp_path_factory) -> Path:
     import subprocess
     import sys
 
-    from tests.toy import one_device_env
+    from tests.toy import devices_env
 
     workdir = tmp_path_factory.mktemp("demo")
     done = subprocess.run([
@@ -34,7 +34,7 @@ def demo(tmp_path_factory) -> Path:
         # 100 steps are too few for the full demo's gentler rate (1e-3, beta2 0.98)
         "--warmup-config", "optimizer.learning_rate=2e-3",
         "--warmup-config", "optimizer.b2=0.999",
-    ], cwd=ROOT, env=one_device_env(), capture_output=True, text=True, timeout=1800)  # fmt: skip
+    ], cwd=ROOT, env=devices_env(1), capture_output=True, text=True, timeout=1800)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Traceback" not in done.stderr
     return workdir

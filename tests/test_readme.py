@@ -131,7 +131,7 @@ def test_your_own_data_commands_run_as_written(toy, tmp_path):
     import subprocess
     import sys
 
-    from tests.toy import FACTS, one_device_env
+    from tests.toy import FACTS, devices_env
 
     commands = own_data_commands()
     assert len(commands) == 8 and commands[0].startswith("mkdir -p checkpoints && " + COPY_MINILM)
@@ -149,7 +149,7 @@ def test_your_own_data_commands_run_as_written(toy, tmp_path):
 
     bin_dir = Path(sys.executable).parent
     # `python` is this interpreter; rag_jax imports from this checkout
-    env = one_device_env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
+    env = devices_env(1, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHONPATH=str(ROOT))
     for command in commands[1:]:
         args = shlex.split(command)
         if args[:2] == ["python", "train.py"]:

@@ -72,18 +72,18 @@ def test_build_model_on_a_mesh_creates_each_parameter_in_its_shards(
 
 def test_the_suites_tiny_runs_use_the_devices_they_say(toy):
     """tests/toy.py: tiny_config trains on one device, ON_MESH on all four of conftest's, and
-    one_device_env's subprocesses see one device."""
+    devices_env(1)'s subprocesses see one device."""
     import subprocess
     import sys
 
-    from tests.toy import ON_MESH, one_device_env, tiny_config
+    from tests.toy import ON_MESH, devices_env, tiny_config
 
     assert jax.device_count() == 4
     assert make_mesh(tiny_config(toy)).devices.size == 1
     assert make_mesh(tiny_config(toy, **ON_MESH)).devices.size == 4
     code = "import jax; print(jax.device_count())"
     done = subprocess.run(
-        [sys.executable, "-c", code], env=one_device_env(), capture_output=True, text=True
+        [sys.executable, "-c", code], env=devices_env(1), capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[-1] == "1"

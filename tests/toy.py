@@ -113,16 +113,17 @@ def tiny_config(toy, **overrides):
 ON_MESH = {"mesh.fsdp": 4}
 
 
-def one_device_env(**extra: str) -> dict[str, str]:
-    """The environment of a ``train.py``/``eval.py``/README subprocess: one CPU device, as a
-    user's machine; ``extra`` variables added. Such a process's sums may round differently in
-    the last bits from a run on one of this process's four devices (seen in Adam's moments
-    after a few steps), so a test that compares with an in-process run bit for bit keeps the
-    suite's environment and sets ``mesh.fsdp`` instead."""
+def devices_env(n_devices: int, **extra: str) -> dict[str, str]:
+    """The environment of a ``train.py``/``eval.py``/README subprocess: this one's, with
+    ``n_devices`` simulated CPU devices (1: as a user's machine) and ``extra`` variables. A
+    1-device process's sums may round differently in the last bits from a run on one of this
+    process's four devices (seen in Adam's moments after a few steps), so a test that compares
+    with an in-process run bit for bit keeps the suite's environment and sets ``mesh.fsdp``
+    instead."""
     count = r"--xla_force_host_platform_device_count=\d+"
     flags = re.sub(count, "", os.environ.get("XLA_FLAGS", ""))
-    one = f"{flags} --xla_force_host_platform_device_count=1".strip()
-    return {**os.environ, "XLA_FLAGS": one, **extra}
+    devices = f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()
+    return {**os.environ, "XLA_FLAGS": devices, **extra}
 
 
 def read_metrics(workdir: Path) -> list[dict]:

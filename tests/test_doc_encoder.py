@@ -256,10 +256,13 @@ def test_off_or_frozen_bert_d_trains_as_the_frozen_index(toy, tmp_path):
     assert any(p.startswith("retrieval_query_encoder/index_encoder/") for p in frozen_arrays)
 
 
-# Re-scoring on too (6 candidates, the best 4 kept): resumed, exported, as any other setting.
+# Re-scoring on too (6 candidates, the best 4 kept), dropout on, parameters sharded: resumed,
+# exported, as any other setting. The program of test_training_distributed's one-process BERT_d
+# run: the session's XLA cache compiles it once for both files.
 RESUME = {
     "log_every": 1, "checkpoint.every": 10, "data.refresh_every": 2,
-    "data.rescore_candidates": 6, **DOC,
+    "data.rescore_candidates": 6, **DOC, "mesh.data": 1, "mesh.fsdp_params": True,
+    "model.dropout": 0.1, "model.attention_dropout": 0.1,
 }  # fmt: skip
 
 

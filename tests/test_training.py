@@ -112,12 +112,14 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
         "--workdir", str(tmp_path / "run"), f"--config.model.question_encoder={toy / 'encoder'}",
         f"--config.data.index={toy / 'index'}", f"--config.data.train={toy / 'qa.jsonl'}",
         "--config.train_steps=2", "--config.checkpoint.every=2",
-        f"--config.optimizer.decay_steps={DECAY_STEPS}",  # the step the other tests compiled
+        # The step the other tests compile (tiny_config's n_docs=4 runs): this process's
+        # devices and one of them, so that the session's XLA cache serves both (a 1-device
+        # process is another compile: the cache key holds the device count).
+        f"--config.optimizer.decay_steps={DECAY_STEPS}", "--config.mesh.fsdp=1",
     ]  # fmt: skip
-    env = devices_env(1)
-    done = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    done = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    done = subprocess.run([*args, "--config.rag.n_docs=2"], capture_output=True, text=True, env=env)
+    done = subprocess.run([*args, "--config.rag.n_docs=2"], capture_output=True, text=True)
     assert done.returncode != 0
     assert "error:" in done.stderr and "rag.n_docs" in done.stderr
     assert "Traceback" not in done.stderr
@@ -125,7 +127,7 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
     bad.write_text('{"question": "q", "answers": ["a"]}\n{"question": "", "answers": ["a"]}\n')
     done = subprocess.run(
         [*args[:5], str(tmp_path / "other"), *args[6:8], f"--config.data.train={bad}"],
-        capture_output=True, text=True, env=env,
+        capture_output=True, text=True,
     )  # fmt: skip
     assert done.returncode != 0 and f"{bad}:2:" in done.stderr, done.stderr
 

@@ -160,7 +160,9 @@ def test_two_processes_resumed_equal_two_processes_uninterrupted(
     assert logged(workdir) == logged(two_processes)
 
 
-DOC_ENCODER = {  # BERT_d trains, refreshed after step 2, candidates re-scored (issue 28)
+# BERT_d trains, refreshed after step 2, candidates re-scored (issue 28). On one process, the
+# program of test_doc_encoder's resumed runs (its RESUME): compiled once for both files.
+DOC_ENCODER = {
     **STEPS, "data.retrieval": "device", "model.train_doc_encoder": True,
     "data.refresh_every": 2, "data.rescore_candidates": 6,
 }  # fmt: skip

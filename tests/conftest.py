@@ -3,8 +3,15 @@
 import os
 
 # Four simulated CPU devices, so sharding tests run in-process; single-device code is unaffected
-# (arrays live on device 0 unless sharded).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# (arrays live on device 0 unless sharded). XLA's CPU backend at optimization level 0: the
+# suite's programs are tiny and most of their time is compiling, mostly LLVM optimizing code
+# that then runs for milliseconds. The level changes how XLA turns a program into CPU code, not
+# what it computes: the same results up to float rounding, and programs compared bit for bit are
+# compiled alike (subprocesses inherit the flags: tests/toy.devices_env). The CI demo, which
+# computes for real, runs at XLA's default level as `make demo` does.
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+)
 # Nothing may reach a model hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -72,7 +72,9 @@ def test_build_model_on_a_mesh_creates_each_parameter_in_its_shards(
 
 def test_the_suites_tiny_runs_use_the_devices_they_say(toy):
     """tests/toy.py: tiny_config trains on one device, ON_MESH on all four of conftest's, and
-    devices_env(1)'s subprocesses see one device."""
+    devices_env(1)'s subprocesses see one device, compiled at the suite's XLA optimization
+    level unless asked for XLA's default (the CI demo)."""
+    import os
     import subprocess
     import sys
 
@@ -81,6 +83,10 @@ def test_the_suites_tiny_runs_use_the_devices_they_say(toy):
     assert jax.device_count() == 4
     assert make_mesh(tiny_config(toy)).devices.size == 1
     assert make_mesh(tiny_config(toy, **ON_MESH)).devices.size == 4
+    level = "--xla_backend_optimization_level=0"
+    assert level in os.environ["XLA_FLAGS"].split()
+    assert level in devices_env(1)["XLA_FLAGS"].split()
+    assert "optimization_level" not in devices_env(1, default_optimization=True)["XLA_FLAGS"]
     code = "import jax; print(jax.device_count())"
     done = subprocess.run(
         [sys.executable, "-c", code], env=devices_env(1), capture_output=True, text=True

@@ -113,17 +113,22 @@ def tiny_config(toy, **overrides):
 ON_MESH = {"mesh.fsdp": 4}
 
 
-def devices_env(n_devices: int, **extra: str) -> dict[str, str]:
+def devices_env(
+    n_devices: int, *, default_optimization: bool = False, **extra: str
+) -> dict[str, str]:
     """The environment of a ``train.py``/``eval.py``/README subprocess: this one's, with
-    ``n_devices`` simulated CPU devices (1: as a user's machine) and ``extra`` variables. A
-    1-device process's sums may round differently in the last bits from a run on one of this
-    process's four devices (seen in Adam's moments after a few steps), so a test that compares
-    with an in-process run bit for bit keeps the suite's environment and sets ``mesh.fsdp``
-    instead."""
+    ``n_devices`` simulated CPU devices (1: as a user's machine) and ``extra`` variables; the
+    suite's XLA optimization level (tests/conftest.py) unless ``default_optimization`` (XLA's
+    own, as ``make demo`` runs). A 1-device process's sums may round differently in the last
+    bits from a run on one of this process's four devices (seen in Adam's moments after a few
+    steps), so a test that compares with an in-process run bit for bit keeps the suite's
+    environment and sets ``mesh.fsdp`` instead."""
     count = r"--xla_force_host_platform_device_count=\d+"
     flags = re.sub(count, "", os.environ.get("XLA_FLAGS", ""))
-    devices = f"{flags} --xla_force_host_platform_device_count={n_devices}".strip()
-    return {**os.environ, "XLA_FLAGS": devices, **extra}
+    if default_optimization:
+        flags = re.sub(r"--xla_backend_optimization_level=\d+", "", flags)
+    devices = f"{flags} --xla_force_host_platform_device_count={n_devices}"
+    return {**os.environ, "XLA_FLAGS": " ".join(devices.split()), **extra}
 
 
 def read_metrics(workdir: Path) -> list[dict]:

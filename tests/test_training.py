@@ -112,9 +112,9 @@ def test_cli_refuses_a_workdir_of_another_model(toy, tmp_path):
         "--workdir", str(tmp_path / "run"), f"--config.model.question_encoder={toy / 'encoder'}",
         f"--config.data.index={toy / 'index'}", f"--config.data.train={toy / 'qa.jsonl'}",
         "--config.train_steps=2", "--config.checkpoint.every=2",
-        # The step the other tests compile (tiny_config's n_docs=4 runs): this process's
-        # devices and one of them, so that the session's XLA cache serves both (a 1-device
-        # process is another compile: the cache key holds the device count).
+        # The step the other tests compile (tiny_config's n_docs=4 runs): train.py sees this
+        # process's four devices and trains on one, so the session's XLA cache serves both (a
+        # 1-device process would compile again: the cache key holds the device count).
         f"--config.optimizer.decay_steps={DECAY_STEPS}", "--config.mesh.fsdp=1",
     ]  # fmt: skip
     done = subprocess.run(args, capture_output=True, text=True, timeout=600)

@@ -90,18 +90,19 @@ def make_optimizer(
     """
     settings = json.dumps(config.optimizer.to_dict(), sort_keys=True)
     doc_encoder = bool(config.model.get("train_doc_encoder", False))
-    return _make_optimizer(settings, config.train_steps, doc_encoder)
+    # The schedule's length, not the run's: runs of other lengths on one schedule share a step.
+    total_steps = config.optimizer.decay_steps or config.train_steps
+    return _make_optimizer(settings, total_steps, doc_encoder)
 
 
 @functools.lru_cache(maxsize=16)
-def _make_optimizer(settings: str, train_steps: int, doc_encoder: bool = False):
+def _make_optimizer(settings: str, total_steps: int, doc_encoder: bool = False):
     opt = ml_collections.ConfigDict(json.loads(settings))
     # BERT_d's own label only when it trains: the optimizer state of other runs is unchanged.
     doc_label = {"doc_encoder": optax.identity()} if doc_encoder else {}
     doc_scale = {"doc_encoder": optax.scale(opt.get("doc_encoder_lr_factor", 1.0))}
     pattern = _freeze_pattern(opt.get("freeze", ""))
     labels = functools.partial(_module_labels, freeze=pattern)
-    total_steps = opt.decay_steps or train_steps
     schedule = (
         optax.warmup_cosine_decay_schedule(
             init_value=0.0,

@@ -70,17 +70,21 @@ def _saved(workdir: Path, step: int) -> tuple[dict, dict]:
     return jax.tree.map(to_numpy, state), position
 
 
-def test_resumed_run_continues_as_if_never_stopped(toy, tmp_path):
+def test_resumed_run_continues_as_if_never_stopped(toy, tmp_path, caplog):
     """Stopped after step 6 (checkpoint) and resumed, dropout on: steps 7-9 give bit for bit
     the losses an uninterrupted run gives, and the last checkpoints are equal array for array
     (parameters, optimizer state, dropout's RNG streams, retrieval snapshot) with the same
     data position: everything a step reads is restored exactly, and one process on the CPU
-    computes the same program on the same inputs the same way."""
+    computes the same program on the same inputs the same way. The runs of 6 and 9 steps on
+    the 9-step run's schedule use the step it compiled: no train step is traced again."""
     common = {"log_every": 1, "checkpoint.every": 3, "rag.n_docs": 4}  # decay: DECAY_STEPS
     common |= {"model.dropout": 0.1, "model.attention_dropout": 0.1}
     train(tiny_config(toy, train_steps=9, **common), str(tmp_path / "straight"))
-    train(tiny_config(toy, train_steps=6, **common), str(tmp_path / "resumed"))
-    train(tiny_config(toy, train_steps=9, **common), str(tmp_path / "resumed"))
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax._src.interpreters.pxla"):
+        train(tiny_config(toy, train_steps=6, **common), str(tmp_path / "resumed"))
+        train(tiny_config(toy, train_steps=9, **common), str(tmp_path / "resumed"))
+    compiles = [r for r in caplog.records if r.getMessage().startswith("Compiling jit(train_step)")]
+    assert not compiles
     straight = read_metrics(tmp_path / "straight")
     resumed = read_metrics(tmp_path / "resumed")
     assert [m["step"] for m in resumed] == list(range(1, 10))

@@ -63,7 +63,7 @@ def _read_questions(path: Path) -> list[str]:
     return questions
 
 
-def _load(args):
+def _load(args, n_questions: int):
     from rag_jax.checkpoints import recorded_config
     from rag_jax.evaluation import EvalSettings, Evaluator
 
@@ -72,6 +72,8 @@ def _load(args):
         beams=args.beams,
         n_docs=args.n_docs,
         max_length=recorded_config(args.workdir).rag.max_target_length + 1,
+        # one question is decoded alone, not in a batch filled up with copies of it
+        batch_size=min(EvalSettings.batch_size, n_questions),
     )
     return Evaluator.from_workdir(args.workdir, settings, index=args.index)
 
@@ -99,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("the question must be a non-empty string")
             check_text(args.question, "the question")
         questions = _read_questions(args.questions) if args.questions else [args.question]
-        evaluator = _load(args)
+        evaluator = _load(args, len(questions))
         # Written beside --out and renamed at the end: never a half-written answers file.
         partial = args.out.with_name(args.out.name + ".partial") if args.out else None
         out = partial.open("w", encoding="utf-8") if partial else None
         try:
-            for start in range(0, len(questions), 8):
-                for record in evaluator.answer(questions[start : start + 8]):
+            size = evaluator.settings.batch_size
+            for start in range(0, len(questions), size):  # a batch at a time: written as it goes
+                for record in evaluator.answer(questions[start : start + size]):
                     if args.questions:
                         record.pop("texts", None)
                         line = json.dumps(record, ensure_ascii=False)

@@ -81,7 +81,8 @@ class EvalSettings:
       beams: W, the beam size (1: greedy).
       n_docs: K, documents the generator reads; None: the model's K.
       max_length: generated tokens, start token included.
-      batch_size: questions per batch (does not change the results).
+      batch_size: questions per batch, the last one filled up to it (:meth:`Evaluator.answer`);
+        it changes speed and memory, not the results.
       retrieval_only: retrieve and score recall@k only.
       lenient: also report the lenient scores (``*_lenient``) beside the strict ones.
       match: how recall@k finds an answer in a passage, DPR's ``has_answer`` match type:
@@ -255,6 +256,11 @@ class Evaluator:
     def answer(self, questions: Sequence[str]) -> list[dict]:
         """One record per question: prediction, retrieved ids, titles, p(z|x) (and texts).
 
+        The questions go through the model ``settings.batch_size`` at a time, the last batch
+        filled up to that size with copies of its last question (their records dropped):
+        every jitted program (question encoder, search, decoding) sees one batch shape, so an
+        evaluation compiles each of them once, whatever its number of questions.
+
         Raises:
           ValueError: a question is empty or blank (naming its position in ``questions``).
         """
@@ -263,6 +269,15 @@ class Evaluator:
         for i, question in enumerate(questions):
             if not isinstance(question, str) or not question.strip():
                 raise ValueError(f"question {i} must be a non-empty string, got {question!r}")
+        size = self.settings.batch_size
+        records = []
+        for start in range(0, len(questions), size):
+            batch = list(questions[start : start + size])
+            padded = batch + batch[-1:] * (size - len(batch))
+            records += self._answer_batch(padded)[: len(batch)]
+        return records
+
+    def _answer_batch(self, questions: list[str]) -> list[dict]:
         config = self.model.config
         q = tokenize_questions(self.question_tokenizer, questions, config.max_question_length)
         records = [{"question": question} for question in questions]

@@ -478,6 +478,39 @@ def test_a_workdir_records_absolute_paths_and_opens_from_anywhere(opened, toy, m
     )
 
 
+def test_the_last_batch_is_filled_up_and_no_answer_depends_on_the_batch(opened, monkeypatch):
+    """Seven questions at batch size 3: batches of 3, 3 and 1, the last filled up to 3, so
+    decoding (and the question encoder and search before it) sees one batch shape and is
+    compiled once; every record is the one the seven questions get as one batch of 7."""
+    from tests.toy import FACTS
+
+    _, workdir, _ = opened
+    questions = [question for _, _, question in FACTS[:7]]
+    settings = EvalSettings(beams=2, max_length=6, batch_size=3)
+    evaluator = Evaluator.from_workdir(workdir, settings)
+    shapes = []
+    decode = Evaluator._decode
+
+    def spy(self, context_ids, context_mask, doc_scores):
+        shapes.append(context_ids.shape)
+        return decode(self, context_ids, context_mask, doc_scores)
+
+    monkeypatch.setattr(Evaluator, "_decode", spy)
+    batched = evaluator.answer(questions)
+    S = evaluator.model.config.max_context_length
+    assert shapes == [(3, evaluator.n_docs, S)] * 3
+    parts = (evaluator.model, evaluator.question_tokenizer, evaluator.generator_tokenizer)
+    whole = Evaluator(
+        *parts, evaluator.knowledge, dataclasses.replace(settings, batch_size=7)
+    ).answer(questions)
+    assert shapes[3:] == [(7, evaluator.n_docs, S)]
+    assert [r["question"] for r in batched] == questions
+    for a, b in zip(batched, whole, strict=True):
+        assert (a["prediction"], a["retrieved_ids"]) == (b["prediction"], b["retrieved_ids"])
+        np.testing.assert_allclose(a["doc_probs"], b["doc_probs"], atol=1e-6)
+        assert a["log_likelihood"] == pytest.approx(b["log_likelihood"], abs=1e-4)
+
+
 def record_of(workdir: Path) -> dict:
     return json.loads((workdir / "config.json").read_text())
 

@@ -7,6 +7,7 @@ Everything here reads the config; nothing writes.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,20 @@ def dropout_settings(model_config: ml_collections.ConfigDict) -> tuple[dict, dic
     return bert, {name: model_config[name] for name in _DROPOUT_FIELDS}
 
 
+@dataclasses.dataclass(frozen=True)
+class _NewBart:
+    """A randomly initialised BART; equal settings compare equal, so a second build on a mesh
+    reuses the first one's compiled initialiser (``partitioning.create_sharded``)."""
+
+    config: BartConfig
+    dtype: Any
+    remat: bool
+    seed: int
+
+    def __call__(self) -> Bart:
+        return Bart(self.config, dtype=self.dtype, remat=self.remat, rngs=nnx.Rngs(self.seed))
+
+
 def build_model(
     config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh | None = None
 ) -> tuple[RagModel, Any, Any]:
@@ -121,11 +136,7 @@ def build_model(
                 rules=rules,
             )
         else:
-
-            def make() -> Bart:
-                rngs = nnx.Rngs(config.seed)
-                return Bart(bart_config, dtype=dtype, remat=model_config.remat, rngs=rngs)
-
+            make = _NewBart(bart_config, dtype, bool(model_config.remat), config.seed)
             generator = make() if mesh is None else partitioning.create_sharded(make, mesh, rules)
     doc_encoder = None
     # .get: a workdir recorded before the field existed trained without BERT_d

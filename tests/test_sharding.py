@@ -36,7 +36,7 @@ def flat(state) -> dict:
 @pytest.mark.parametrize("fsdp_params", [True, False])
 @pytest.mark.parametrize("generator", ["random", "warm_start", "loaded"])
 def test_build_model_on_a_mesh_creates_each_parameter_in_its_shards(
-    tmp_path, generator, fsdp_params
+    tmp_path, caplog, generator, fsdp_params
 ):
     encoder = tiny_encoder(tmp_path / "encoder")  # hidden 16, 1 layer, ffn 32, 2 heads
     config = config_for(encoder, "random" if generator == "loaded" else generator, fsdp_params)
@@ -68,6 +68,19 @@ def test_build_model_on_a_mesh_creates_each_parameter_in_its_shards(
         np.testing.assert_allclose(np.asarray(array), value, rtol=1e-6, atol=1e-9, err_msg=name)
     # FSDP: every kernel is split over the fsdp axis; replicated: every parameter whole
     assert n_split > len(got) // 2 if fsdp_params else n_split == 0
+    if generator == "random":
+        # Built again: the initialiser traced and compiled for the first build is reused, and
+        # the new model has its own buffers (a train step donates them) with the same values.
+        pxla = "jax._src.interpreters.pxla"
+        with jax.log_compiles(True), caplog.at_level("WARNING", logger=pxla):
+            again = flat(nnx.state(build_model(config, mesh)[0], nnx.Param))
+        assert not [r for r in caplog.records if "Compiling jit(create)" in r.getMessage()]
+        for name, array in again.items():
+            first = got[name].addressable_shards[0].data
+            assert array.addressable_shards[0].data.unsafe_buffer_pointer() != (
+                first.unsafe_buffer_pointer()
+            ), name
+            np.testing.assert_array_equal(np.asarray(array), np.asarray(got[name]), err_msg=name)
 
 
 def test_the_suites_tiny_runs_use_the_devices_they_say(toy):

@@ -12,6 +12,7 @@ The annotations are plain Flax NNX ``out_sharding`` metadata, so Flax's own tool
 (``nnx.get_partition_spec`` under ``nnx.logical_axis_rules(LOGICAL_RULES)``) read them too.
 """
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -164,8 +165,17 @@ def create_sharded(
     One jitted call whose outputs are constrained to :func:`param_shardings`: each device
     computes and holds only its own shards, and no parameter is ever whole on one device (nor
     on one host, with several processes). ``make`` must build its own ``nnx.Rngs`` (from a
-    seed), since a jitted function may not change the caller's.
+    seed), since a jitted function may not change the caller's. A ``make`` that compares equal
+    to an earlier one (a frozen dataclass, not a closure) reuses that one's traced and compiled
+    initialiser: a second model of the same shapes in a process is not traced again.
     """
+    create = _sharded_initializer(make, mesh, tuple(rules))
+    with jax.set_mesh(mesh):
+        return create()
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_initializer(make: Callable[[], ModuleT], mesh: Mesh, rules: Rules):
     shardings = param_shardings(nnx.eval_shape(make), mesh, rules)
 
     @nnx.jit
@@ -174,5 +184,4 @@ def create_sharded(
         nnx.update(module, jax.lax.with_sharding_constraint(nnx.state(module), shardings))
         return module
 
-    with jax.set_mesh(mesh):
-        return create()
+    return create

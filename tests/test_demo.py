@@ -29,7 +29,7 @@ def demo(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("demo")
     command = [
         sys.executable, "-m", "examples.wiki.run", "--workdir", str(workdir),
-        "--articles", "300", "--warmup-held-out", "--warmup-steps", "100", "--rag-steps", "10",
+        "--articles", "300", "--warmup-held-out", "--warmup-steps", "100", "--rag-steps", "5",
         "--variants", "rag_sequence,closed_book",
         # 100 steps are too few for the full demo's gentler rate (1e-3, beta2 0.98)
         "--warmup-config", "optimizer.learning_rate=2e-3",

@@ -13,6 +13,7 @@ rematerialisation, softmax or LayerNorm.
 
     python benchmarks/gpu_train.py                       # paper shapes, H100/H200 peak
     python benchmarks/gpu_train.py --peak-tflops 459     # another chip (e.g. TPU v5p)
+    python benchmarks/gpu_train.py --devices 1           # one chip of the machine's
     python benchmarks/gpu_train.py --tiny                # CPU smoke run: tiny models
 """
 
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--B", type=int, help="questions per step (default 64)")
     parser.add_argument("--remat", action="store_true", help="recompute layers in backward")
     parser.add_argument("--fsdp", action="store_true", help="shard parameters over devices")
+    parser.add_argument("--devices", type=int, help="use the first N devices (default: all)")
     parser.add_argument("--float32", action="store_true", help="float32 compute, not bf16")
     parser.add_argument("--tiny", action="store_true", help="tiny models and shapes (CPU)")
     parser.add_argument("--json", help="also write the result to this file")
@@ -80,11 +82,14 @@ def build(args, shapes: dict):
     )  # fmt: skip
     config = tiny.get_config()  # the training loop's optimizer, with the paper's settings
     config.batch_size, config.mesh.fsdp_params = shapes["B"], args.fsdp
-    # every device: on the fsdp axis when parameters are sharded, else on the data axis
-    config.mesh.data, config.mesh.fsdp = (1, 0) if args.fsdp else (jax.device_count(), 1)
+    # every device used: on the fsdp axis when parameters are sharded, else on the data axis
+    if args.devices is not None and not 1 <= args.devices <= jax.device_count():
+        raise ValueError(f"--devices {args.devices}: there are {jax.device_count()} devices")
+    devices = jax.devices()[: args.devices] if args.devices else jax.devices()
+    config.mesh.data, config.mesh.fsdp = (1, len(devices)) if args.fsdp else (len(devices), 1)
     config.optimizer.update(learning_rate=3e-5, warmup_steps=0, max_grad_norm=1.0)
     config.train_steps = 10**6
-    mesh = make_mesh(config)
+    mesh = make_mesh(config, devices)
 
     def make() -> RagModel:
         rngs = nnx.Rngs(0)

@@ -169,7 +169,8 @@ def create_sharded(
     to an earlier one (a frozen dataclass, not a closure) reuses that one's traced and compiled
     initialiser: a second model of the same shapes in a process is not traced again.
     """
-    create = _sharded_initializer(make, mesh, tuple(rules))
+    rules = tuple((name, tuple(axes) if isinstance(axes, list) else axes) for name, axes in rules)
+    create = _sharded_initializer(make, mesh, rules)  # rules as a key: tuples, not lists
     with jax.set_mesh(mesh):
         return create()
 

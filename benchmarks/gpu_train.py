@@ -186,4 +186,7 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ValueError as error:  # a setting this machine cannot run: one line, no traceback
+        sys.exit(f"error: {error}")

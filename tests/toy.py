@@ -3,6 +3,7 @@ facts, each answer (a made-up name, the passage's title) in exactly one passage,
 random BERT behind all-MiniLM-L6-v2's tokenizer as document and query encoder, and an exact
 index of the passages."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -129,6 +130,20 @@ def devices_env(
         flags = re.sub(r"--xla_backend_optimization_level=\d+", "", flags)
     devices = f"{flags} --xla_force_host_platform_device_count={n_devices}"
     return {**os.environ, "XLA_FLAGS": " ".join(devices.split()), **extra}
+
+
+@contextlib.contextmanager
+def jitted(caplog):
+    """Yields a list that, after the block, holds the name of every function jitted in it
+    (traced and compiled, or found in the XLA cache): ``jax.log_compiles``' "Compiling jit(NAME)"
+    lines. A function the block calls with an in-process cache hit is not in it."""
+    names: list[str] = []
+    start = len(caplog.records)
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax._src.interpreters.pxla"):
+        yield names
+    for record in caplog.records[start:]:
+        if match := re.match(r"Compiling jit\((\w+)\)", record.getMessage()):
+            names.append(match.group(1))
 
 
 def read_metrics(workdir: Path) -> list[dict]:
